@@ -1,0 +1,65 @@
+# SWE AI Fleet — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@command -v python3 >/dev/null || { echo "python3 (>= 3.11) is required"; exit 1; }
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[local,dev]'
+	./scripts/install_chromium.sh
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the project, its local servers and the dev tools
+	@echo "ready: $(VENV) (try: $(BIN)/fleet --help)"
+
+protos: $(STAMP) ## Generate the gRPC stubs (gen/fleet) from specs/
+	PY=$(PY) ./scripts/gen_protos.sh
+
+events: $(STAMP) ## Export the event JSON Schemas (specs/events) and specs/asyncapi.yaml from the catalog
+	$(BIN)/fleet events export
+
+contracts-check: $(STAMP) ## Fail when the committed stubs, schemas or AsyncAPI differ from a regeneration
+	PY=$(PY) ./scripts/gen_protos.sh >/dev/null
+	$(BIN)/fleet events export >/dev/null
+	@git diff --exit-code --stat -- gen specs || { echo "generated contracts are stale: run 'make protos events' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- gen specs)" || { git status --porcelain -- gen specs; echo "untracked generated files: commit them"; exit 1; }
+
+lint: $(STAMP) ## ruff, buf lint, buf breaking against main
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
+	cd specs && ../$(BIN)/buf lint
+	./scripts/buf_breaking.sh $(BIN)/buf
+
+test: $(STAMP) ## Lint, check generated contracts, run every test (real servers started by the fixtures)
+	$(MAKE) --no-print-directory lint contracts-check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Unit tests only (no servers)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench-bus: $(STAMP) ## Event bus throughput: our adapter vs raw nats-py in the same run
+	$(PY) -m bench.bench_bus
+
+serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
+	$(BIN)/fleet serve $*
+
+infra: $(STAMP) ## Start NATS, Valkey and FalkorDB on free loopback ports until Ctrl-C
+	$(BIN)/fleet infra up
+
+clean: ## Remove caches and local run state (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache .fleet build *.egg-info test-artifacts
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv
+	rm -rf $(VENV)
+
+.PHONY: help setup protos events contracts-check lint test test-unit bench-bus infra clean distclean

@@ -1,0 +1,157 @@
+"""gRPC server bootstrap: health (grpc.health.v1), reflection, error mapping, graceful shutdown.
+
+Known failures (services.common.errors.FleetError) become their status code with details
+(google.rpc.BadRequest naming the field for INVALID_ARGUMENT, google.rpc.ErrorInfo otherwise).
+Anything else is logged with its traceback and answered INTERNAL with the correlation id to look for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import FleetError, InvalidArgument
+from services.common.logging import correlation_id
+from services.common.metrics import GRPC_LATENCY, GRPC_REQUESTS
+
+log = logging.getLogger("fleet.grpc")
+
+ERROR_DOMAIN = "swe-ai-fleet"
+CORRELATION_HEADER = "x-correlation-id"
+
+
+def status_details(err: FleetError) -> status_pb2.Status:
+    detail = any_pb2.Any()
+    if isinstance(err, InvalidArgument):
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.description)
+                ]
+            )
+        )
+    else:
+        detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN))
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: FleetError) -> None:
+    status = status_details(err)
+    await context.abort(
+        err.code, err.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+    )
+
+
+def _start(context: grpc.aio.ServicerContext) -> None:
+    md = dict(context.invocation_metadata() or ())
+    correlation_id.set(str(md.get(CORRELATION_HEADER) or uuid.uuid4().hex[:16]))
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "OK"
+
+
+def _fail(method: str, e: Exception) -> FleetError:
+    log.exception("unexpected error in %s", method)
+    return FleetError(f"internal error in {method}: {type(e).__name__}: {e} (correlation id {correlation_id.get()})")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _start(context)
+                t0 = time.perf_counter()
+                try:
+                    return await inner(request, context)
+                except FleetError as e:
+                    await _abort(context, e)
+                except (grpc.aio.AbortError, grpc.aio.UsageError):
+                    raise
+                except Exception as e:
+                    await _abort(context, _fail(method, e))
+                finally:
+                    GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
+                    GRPC_REQUESTS.labels(method, _code_of(context)).inc()
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _start(context)
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except FleetError as e:
+                    await _abort(context, e)
+                except (grpc.aio.AbortError, grpc.aio.UsageError):
+                    raise
+                except Exception as e:
+                    await _abort(context, _fail(method, e))
+                finally:
+                    GRPC_REQUESTS.labels(method, _code_of(context)).inc()
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+class GrpcServer:
+    """One aio server with health + reflection; `services` are (add_XServicer_to_server, servicer, full_name)."""
+
+    def __init__(
+        self,
+        services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
+        port: int,
+        host: str = "0.0.0.0",
+    ) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.names: list[str] = []
+        for add, servicer, name in services:
+            add(servicer, self.server)
+            self.names.append(name)
+        reflection.enable_server_reflection([*self.names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("gRPC listening on :%d (%s)", self.port, ", ".join(self.names))
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Report NOT_SERVING, then let in-flight RPCs finish within `grace` seconds."""
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

@@ -1,0 +1,962 @@
+"""Child processes for the local fleet: start, wait until really ready, stop by PID, leave no orphans.
+
+The generic layer under `services.local.infra` (NATS, Valkey, FalkorDB, Ray) and `fleet up` (vLLM, our gRPC
+services):
+
+- `free_port()` / `free_port_range()` hand out free loopback ports, never the same one twice in a process.
+- `ManagedProcess` is one child: its own session (so its whole process group can be signalled), stdout+stderr
+  appended to `<log_dir>/<name>.log`, `wait_ready(check)` polling a real readiness check (sync or async), and
+  `stop()`: SIGTERM to the group, then SIGKILL, also reaching descendants that left the group. Children also
+  get SIGTERM if this process dies without stopping them (`setpriv --pdeathsig`, unless `die_with_parent=False`).
+- `Component` is the record a table or a state file shows (name, address, pid, log, state).
+- `ProcessGroup` owns several components: stops them in reverse order on exit, on error, at interpreter exit
+  (`atexit`) and, when asked, on SIGINT/SIGTERM; it can write a JSON state file so that `stop_from_state()` in
+  another process (`fleet infra down`) stops a group started in the background. Before signalling a PID read
+  from a file it checks, through /proc, that the PID is still the same process (start time, command line).
+
+Linux only (it reads /proc); nothing here ever kills by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import inspect
+import json
+import logging
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any, Literal, Self
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], bool | Awaitable[bool]]
+State = Literal["starting", "ready", "stopped", "failed"]
+
+LOG_TAIL_LINES = 40
+POLL_INTERVAL = 0.02
+
+
+class ProcessStartError(RuntimeError):
+    """A process exited during start, or did not become ready in time. The message carries its log tail."""
+
+    def __init__(self, name: str, reason: str, returncode: int | None, log_path: Path | None, log_tail: str) -> None:
+        self.name = name
+        self.reason = reason
+        self.returncode = returncode
+        self.log_path = log_path
+        self.log_tail = log_tail
+        where = f" — last lines of {log_path}:" if log_path else ":"
+        super().__init__(f"{name}: {reason} (exit code {returncode}){where}\n{log_tail.rstrip() or '(log is empty)'}")
+
+
+# --- ports ----------------------------------------------------------------------------------------------------
+
+_given_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a server could listen on (host, port) now (like servers do, ignoring old TIME_WAIT connections)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on `host` (bind port 0), never one this process handed out before."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        with _ports_lock:
+            if port not in _given_ports:
+                _given_ports.add(port)
+                return port
+    raise RuntimeError(f"no free port on {host} that was not already handed out")
+
+
+def free_port_in(low: int, high: int, host: str = "127.0.0.1") -> int:
+    """A free port in [low, high), e.g. for servers that cannot take the high ephemeral ports `free_port()` gives."""
+    return free_port_range(1, host, low, high)[0]
+
+
+def free_port_range(count: int, host: str = "127.0.0.1", low: int = 20000, high: int = 32000) -> range:
+    """`count` consecutive free ports (below the usual ephemeral range), reserved like `free_port()`'s."""
+    for _ in range(500):
+        start = random.randrange(low, high - count + 1)
+        candidates = range(start, start + count)
+        with _ports_lock:
+            if any(p in _given_ports for p in candidates):
+                continue
+        if all(port_is_free(p, host) for p in candidates):
+            with _ports_lock:
+                if not any(p in _given_ports for p in candidates):
+                    _given_ports.update(candidates)
+                    return candidates
+    raise RuntimeError(f"no range of {count} free ports on {host} in [{low}, {high})")
+
+
+# --- /proc ----------------------------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgrp, starttime) of a live PID, None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return None
+    rest = raw[raw.rindex(")") + 2 :].split()
+    # fields 3.. of proc(5): state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
+    # cutime cstime priority nice num_threads itrealvalue starttime
+    return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot): with the PID, a process's real identity."""
+    st = _proc_stat(pid)
+    return st[3] if st else None
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in raw.split(b"\0")]
+    while args and not args[-1]:  # the terminating NUL, and the padding of servers that rewrite their title
+        args.pop()
+    return args
+
+
+def _process_exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    st = _proc_stat(pid)
+    if st is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir() or Path(f"/proc/{pid}").exists()
+    return st[0] not in ("Z", "X", "x")
+
+
+def process_tree(pid: int) -> dict[int, int]:
+    """Live members of process group `pid` and descendants of `pid` (leader excluded): {pid: starttime}."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, tuple[str, int, int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None and st[0] not in ("Z", "X", "x"):
+                stats[int(entry.name)] = st
+                children.setdefault(st[1], []).append(int(entry.name))
+    found: dict[int, int] = {p: st[3] for p, st in stats.items() if st[2] == pid and p != pid}
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        if p in stats and p not in found:
+            found[p] = stats[p][3]
+            todo.extend(children.get(p, []))
+    return found
+
+
+def _alive_same(pid: int, start_time: int) -> bool:
+    st = _proc_stat(pid)
+    return st is not None and st[3] == start_time and st[0] not in ("Z", "X", "x")
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _terminate_tree(pid: int, leader_gone: Callable[[float], bool], timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Signal process group `pid` (its leader is `pid`), wait, then SIGKILL whatever of the tree is left.
+
+    `leader_gone(seconds)` waits up to that long for the leader and says whether it is gone.
+    Descendants that moved to another process group get SIGTERM once the leader is gone, then SIGKILL.
+    """
+    deadline = time.monotonic() + timeout
+    tracked = process_tree(pid)
+    _kill_group(pid, sig)
+    if not leader_gone(max(0.0, deadline - time.monotonic())):
+        log.warning("pid %d ignored signal %d for %.1fs: SIGKILL", pid, sig, timeout)
+        _kill_group(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        leader_gone(5.0)
+    tracked.update(process_tree(pid))  # group members still around (the leader may have forked during shutdown)
+    left = {p: t for p, t in tracked.items() if _alive_same(p, t)}
+    for p, t in left.items():
+        st = _proc_stat(p)
+        if st is not None and st[2] != pid and st[3] == t:  # left the group: signal it on its own
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+    grace = time.monotonic() + max(1.0, min(5.0, deadline - time.monotonic()))
+    while left and time.monotonic() < grace:
+        time.sleep(POLL_INTERVAL)
+        left = {p: t for p, t in left.items() if _alive_same(p, t)}
+    if left:
+        log.warning("killing leftover processes of %d: %s", pid, sorted(left))
+        _kill_group(pid, signal.SIGKILL)
+        for p, t in left.items():
+            if _alive_same(p, t):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, signal.SIGKILL)
+
+
+# --- readiness checks -----------------------------------------------------------------------------------------
+
+
+def tcp_accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> ReadyCheck:
+    """Ready when a TCP connection to (host, port) succeeds."""
+
+    def check() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    return check
+
+
+def http_ok(url: str, timeout: float = 2.0, status: int = 200) -> ReadyCheck:
+    """Ready when GET `url` answers with `status`."""
+    import urllib.error
+    import urllib.request
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return bool(resp.status == status)
+        except urllib.error.HTTPError as e:
+            return e.code == status
+
+    return check
+
+
+def resp_ping(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> ReadyCheck:
+    """Ready when a Redis-protocol server answers PING with +PONG (not -LOADING or an error)."""
+
+    def check() -> bool:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+            return data.startswith(b"+PONG")
+
+    return check
+
+
+def log_contains(process: ManagedProcess, text: str) -> ReadyCheck:
+    """Ready once this run of `process` wrote `text` to its log."""
+
+    def check() -> bool:
+        return text in process.read_log()
+
+    return check
+
+
+def all_of(*checks: ReadyCheck) -> ReadyCheck:
+    """Ready when every check is, evaluated in order (a later, costly check runs only once the earlier pass)."""
+
+    def check() -> bool:
+        return all(_call_check(c) for c in checks)
+
+    return check
+
+
+def _run_coroutine_blocking(aw: Awaitable[Any]) -> Any:
+    async def runner() -> Any:
+        return await aw
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(runner())
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(runner())
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="ready-check", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _call_check(check: ReadyCheck) -> bool:
+    result = check()
+    if inspect.isawaitable(result):
+        result = _run_coroutine_blocking(result)
+    return bool(result)
+
+
+# --- spawning -------------------------------------------------------------------------------------------------
+
+
+class _Spawner:
+    """Forks every child from one long-lived daemon thread.
+
+    The kernel's parent-death signal (PR_SET_PDEATHSIG) fires when the *thread* that forked a child ends, so
+    children must not be forked from short-lived threads (thread pools, asyncio.to_thread) when they should
+    die with this process, and only with it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="process-spawner", daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future[Any] = Future()
+        self._queue.put((fn, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            fn, future = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+
+
+_spawner = _Spawner()
+
+
+def _pdeathsig_prefix(sig: int) -> list[str]:
+    """`setpriv --pdeathsig SIG --` (util-linux) if available: the child gets SIG when its parent dies."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return []
+    return [setpriv, "--pdeathsig", signal.Signals(sig).name.removeprefix("SIG"), "--"]
+
+
+def _resolve_executable(program: str, env: Mapping[str, str]) -> str | None:
+    if os.sep in program:
+        return program if os.path.isfile(program) and os.access(program, os.X_OK) else None
+    return shutil.which(program, path=env.get("PATH", os.defpath))
+
+
+# --- one process ----------------------------------------------------------------------------------------------
+
+
+class ManagedProcess:
+    """One child process in its own session, logging to `<log_dir>/<name>.log` (appended).
+
+    With `die_with_parent` (default) the child gets `stop_signal` if this Python process dies without stopping
+    it (killed, crashed): through `setpriv --pdeathsig`, when util-linux's setpriv is installed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        log_dir: str | os.PathLike[str],
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        inherit_env: bool = True,
+        stop_signal: int = signal.SIGTERM,
+        after_stop: Callable[[], None] | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.name = name
+        self.argv = [os.fspath(a) for a in argv]
+        self.log_path = Path(log_dir).resolve() / f"{name}.log"
+        self.env = dict(env or {})
+        self.cwd = Path(cwd).resolve() if cwd is not None else None
+        self.inherit_env = inherit_env
+        self.stop_signal = stop_signal
+        self.after_stop = after_stop
+        self.die_with_parent = die_with_parent
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._log_offset = 0
+        self._lock = threading.RLock()
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"ManagedProcess({self.name!r}, pid={self.pid}, alive={self.alive()})"
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll() if self._popen else None
+
+    def start(self) -> Self:
+        with self._lock:
+            if self._popen is not None:
+                raise RuntimeError(f"{self.name} was already started (pid {self._popen.pid})")
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ) if self.inherit_env else {}
+            for k, v in self.env.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+            self._log_file = open(self.log_path, "ab")  # kept open as long as the process runs
+            self._log_offset = self._log_file.tell()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._log_file.write(f"--- {stamp} start {self.name}: {' '.join(self.argv)}\n".encode())
+            self._log_file.flush()
+            log_file = self._log_file
+            try:
+                if _resolve_executable(self.argv[0], env) is None:
+                    raise FileNotFoundError(f"no executable {self.argv[0]!r}")
+                argv = [*_pdeathsig_prefix(self.stop_signal), *self.argv] if self.die_with_parent else self.argv
+                self._popen = _spawner.run(
+                    lambda: subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=self.cwd,
+                        start_new_session=True,
+                    )
+                )
+            except OSError as e:
+                log_file.write(f"cannot execute {self.argv[0]}: {e}\n".encode())
+                log_file.close()
+                raise ProcessStartError(self.name, f"cannot execute: {e}", None, self.log_path, self.read_log()) from e
+            log.debug("started %s pid %d: %s", self.name, self._popen.pid, self.argv)
+            return self
+
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def read_log(self) -> str:
+        """What this run wrote to the log so far."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.read_log().splitlines()[-lines:])
+
+    def _failed(self, reason: str) -> ProcessStartError:
+        return ProcessStartError(self.name, reason, self.returncode, self.log_path, self.log_tail())
+
+    def wait_ready(self, check: ReadyCheck, timeout: float = 30.0, interval: float = POLL_INTERVAL) -> float:
+        """Poll `check` (sync or async; an exception counts as not ready) until it passes; seconds it took.
+
+        If the process exits first, or `timeout` passes, the process is stopped and `ProcessStartError` raised.
+        Any other interruption (KeyboardInterrupt...) also stops the process before propagating.
+        """
+        if self._popen is None:
+            raise RuntimeError(f"{self.name} is not started")
+        t0 = time.monotonic()
+        last_error: BaseException | None = None
+        try:
+            while True:
+                if not self.alive():
+                    raise self._failed("exited during start")
+                try:
+                    if _call_check(check):
+                        return time.monotonic() - t0
+                    last_error = None
+                except Exception as e:
+                    last_error = e
+                if not self.alive():
+                    raise self._failed("exited during start")
+                if time.monotonic() - t0 > timeout:
+                    self.stop()
+                    why = f"; last check error: {last_error!r}" if last_error else ""
+                    raise self._failed(f"not ready after {timeout:.1f}s, stopped it{why}")
+                time.sleep(interval)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def await_ready(self, check: ReadyCheck, timeout: float = 30.0, interval: float = POLL_INTERVAL) -> float:
+        """`wait_ready` for async code: never blocks the event loop (sync checks run in a thread)."""
+        if self._popen is None:
+            raise RuntimeError(f"{self.name} is not started")
+        t0 = time.monotonic()
+        last_error: BaseException | None = None
+
+        async def once() -> bool:
+            if inspect.iscoroutinefunction(check):
+                return bool(await check())
+            result = await asyncio.to_thread(check)
+            if inspect.isawaitable(result):
+                result = await result
+            return bool(result)
+
+        try:
+            while True:
+                if not self.alive():
+                    raise self._failed("exited during start")
+                try:
+                    if await once():
+                        return time.monotonic() - t0
+                    last_error = None
+                except Exception as e:
+                    last_error = e
+                if not self.alive():
+                    raise self._failed("exited during start")
+                if time.monotonic() - t0 > timeout:
+                    await asyncio.to_thread(self.stop)
+                    why = f"; last check error: {last_error!r}" if last_error else ""
+                    raise self._failed(f"not ready after {timeout:.1f}s, stopped it{why}")
+                await asyncio.sleep(interval)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.stop))
+            raise
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop signal to the process group by PID, wait up to `timeout`, then SIGKILL; idempotent.
+
+        Returns the exit code (None if never started).
+        """
+        with self._lock:
+            popen = self._popen
+            if popen is None:
+                return None
+            if self._stopped:
+                return popen.returncode
+
+            def leader_gone(seconds: float) -> bool:
+                try:
+                    popen.wait(timeout=seconds)
+                except subprocess.TimeoutExpired:
+                    return False
+                return True
+
+            try:
+                _terminate_tree(popen.pid, leader_gone, timeout, self.stop_signal)
+            finally:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    popen.wait(timeout=5)
+                self._stopped = True
+                if self._log_file is not None:
+                    self._log_file.close()
+                if self.after_stop is not None:
+                    try:
+                        self.after_stop()
+                    except Exception:
+                        log.exception("after_stop of %s failed", self.name)
+            log.debug("stopped %s pid %d: exit code %s", self.name, popen.pid, popen.returncode)
+            return popen.returncode
+
+
+# --- the record -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    """A started server as a table or a state file shows it. `address` is what clients use."""
+
+    name: str
+    address: str
+    pid: int | None = None
+    log_path: Path | None = None
+    state: State = "starting"
+    urls: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    started_in: float | None = None  # seconds from spawn to ready
+    process: ManagedProcess | None = field(default=None, repr=False, compare=False)
+
+    def alive(self) -> bool:
+        return self.process.alive() if self.process is not None else bool(self.pid and pid_alive(self.pid))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            self.process.stop(timeout)
+        if self.state != "failed":
+            self.state = "stopped"
+
+    def to_state(self) -> dict[str, Any]:
+        """What a state file keeps, including what proves the PID is still this process."""
+        pid = self.pid
+        return {
+            "pid": pid,
+            "address": self.address,
+            "log": str(self.log_path) if self.log_path else None,
+            "state": self.state,
+            "urls": self.urls,
+            "ports": self.ports,
+            "start_time": process_start_time(pid) if pid else None,
+            "cmdline": process_cmdline(pid) if pid else None,
+            "exe": _process_exe(pid) if pid else None,
+        }
+
+
+Endpoint = Component
+
+
+def start_component(
+    process: ManagedProcess,
+    check: ReadyCheck,
+    *,
+    address: str,
+    urls: Mapping[str, str] | None = None,
+    ports: Mapping[str, int] | None = None,
+    timeout: float = 30.0,
+    on_spawn: Callable[[Component], object] | None = None,
+) -> Component:
+    """Start `process`, wait for `check`, return its ready `Component`; on failure nothing is left running."""
+    process.start()
+    component = Component(
+        name=process.name,
+        address=address,
+        pid=process.pid,
+        log_path=process.log_path,
+        urls=dict(urls or {}),
+        ports=dict(ports or {}),
+        process=process,
+    )
+    try:
+        if on_spawn is not None:
+            on_spawn(component)
+        component.started_in = process.wait_ready(check, timeout)
+    except BaseException:
+        process.stop()
+        component.state = "failed"
+        raise
+    component.state = "ready"
+    log.info("%s ready at %s (pid %s, %.3fs)", component.name, address, component.pid, component.started_in)
+    return component
+
+
+# --- a group --------------------------------------------------------------------------------------------------
+
+
+class ProcessGroup:
+    """Components started in order and stopped in reverse order: on exit, on error, at exit, on signals.
+
+    Usable as `with` and `async with`. `state_file` (optional) gets `{name: {pid, address, log, ...}}`,
+    rewritten as components come and go and removed when the group is closed.
+    """
+
+    def __init__(self, state_file: str | os.PathLike[str] | None = None, *, stop_timeout: float = 10.0) -> None:
+        self.state_file = Path(state_file).resolve() if state_file is not None else None
+        self.stop_timeout = stop_timeout
+        self._components: list[Component] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self._atexit_registered = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    # registry
+
+    @property
+    def components(self) -> list[Component]:
+        with self._lock:
+            return list(self._components)
+
+    def __getitem__(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(c.name == name for c in self.components)
+
+    def add(self, component: Component) -> Component:
+        """Record a (starting or started) component; refused, and the component stopped, if the group is closed."""
+        with self._lock:
+            if self._closed:
+                component.stop(self.stop_timeout)
+                raise RuntimeError(f"process group is closed: stopped {component.name} instead of adding it")
+            for i, c in enumerate(self._components):
+                if c.name == component.name:
+                    if c.state in ("starting", "ready") and c.alive():
+                        raise ValueError(f"a component named {component.name!r} is already running in the group")
+                    del self._components[i]  # a failed or stopped one gets replaced (e.g. a retry)
+                    break
+            self._components.append(component)
+            if not self._atexit_registered:
+                atexit.register(self.close)
+                self._atexit_registered = True
+            self.write_state()
+        return component
+
+    def start(
+        self,
+        process: ManagedProcess,
+        check: ReadyCheck,
+        *,
+        address: str,
+        urls: Mapping[str, str] | None = None,
+        ports: Mapping[str, int] | None = None,
+        timeout: float = 30.0,
+    ) -> Component:
+        """Start `process` as a member (recorded as soon as it is spawned) and wait until `check` passes."""
+        try:
+            component = start_component(
+                process, check, address=address, urls=urls, ports=ports, timeout=timeout, on_spawn=self.add
+            )
+        finally:
+            self.write_state()
+        return component
+
+    async def astart(
+        self,
+        process: ManagedProcess,
+        check: ReadyCheck,
+        *,
+        address: str,
+        urls: Mapping[str, str] | None = None,
+        ports: Mapping[str, int] | None = None,
+        timeout: float = 30.0,
+    ) -> Component:
+        """`start` for async code; the event loop keeps running while the process becomes ready."""
+        process.start()
+        component = Component(
+            name=process.name,
+            address=address,
+            pid=process.pid,
+            log_path=process.log_path,
+            urls=dict(urls or {}),
+            ports=dict(ports or {}),
+            process=process,
+        )
+        try:
+            self.add(component)
+            component.started_in = await process.await_ready(check, timeout)
+            component.state = "ready"
+        except BaseException:
+            component.state = "failed"
+            await asyncio.shield(asyncio.to_thread(process.stop))
+            raise
+        finally:
+            self.write_state()
+        return component
+
+    # state file
+
+    def write_state(self) -> None:
+        if self.state_file is None:
+            return
+        with self._lock:
+            owner = {
+                "pid": os.getpid(),
+                "start_time": process_start_time(os.getpid()),
+                "cmdline": process_cmdline(os.getpid()),
+            }
+            data = {c.name: {**c.to_state(), "owner": owner} for c in self._components if c.state != "stopped"}
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.state_file)
+
+    # stopping
+
+    def close(self) -> None:
+        """Stop every component in reverse order (idempotent); remove the state file; undo signal handlers."""
+        with self._lock:
+            self._closed = True
+            components = list(reversed(self._components))
+        errors: list[BaseException] = []
+        for c in components:
+            try:
+                c.stop(self.stop_timeout)
+            except Exception as e:
+                log.exception("stopping %s failed", c.name)
+                errors.append(e)
+        with self._lock:
+            if self.state_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if _state_owned_by_me(self.state_file):
+                        self.state_file.unlink()
+            if self._atexit_registered:
+                atexit.unregister(self.close)
+                self._atexit_registered = False
+        self.restore_signal_handlers()
+        if errors:
+            raise errors[0]
+
+    stop = close
+
+    def install_signal_handlers(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """On these signals: stop the group, then behave as the previous handler would have (main thread only)."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping %d components", signum, len(self._components))
+            previous = self._previous_handlers.get(signum, signal.SIG_DFL)
+            self.close()  # restores the previous handlers
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+        for sig in signals:
+            self._previous_handlers.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, handler)
+
+    def restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._previous_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.shield(asyncio.to_thread(self.close))
+
+
+# --- stopping a group from another process --------------------------------------------------------------------
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The components of a state file (empty if there is none)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a process-group state file")
+    return data
+
+
+def _state_owned_by_me(path: Path) -> bool:
+    try:
+        data = read_state(path)
+    except (ValueError, OSError):
+        return False
+    return all((entry.get("owner") or {}).get("pid") in (None, os.getpid()) for entry in data.values())
+
+
+def same_process(pid: int, start_time: int | None, cmdline: Sequence[str] | None, exe: str | None = None) -> bool:
+    """True if `pid` is alive and still the process that was recorded (never trust a bare, maybe recycled, PID).
+
+    The start time must match when it was recorded; the command line must match, or (for servers that rewrite
+    their process title, like redis-server) the executable.
+    """
+    st = _proc_stat(pid)
+    if st is None or st[0] in ("Z", "X", "x"):
+        return False
+    if start_time is not None and st[3] != start_time:
+        return False
+    if cmdline is not None and process_cmdline(pid) == list(cmdline):
+        return True
+    return exe is not None and _process_exe(pid) == exe
+
+
+def _wait_gone(pid: int, start_time: int | None, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        st = _proc_stat(pid)
+        if st is None or st[0] in ("Z", "X", "x") or (start_time is not None and st[3] != start_time):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+
+
+def stop_from_state(path: str | os.PathLike[str], timeout: float = 10.0, *, stop_owner: bool = True) -> dict[str, str]:
+    """Stop a group another process started, from its state file; returns {component: what happened}.
+
+    With `stop_owner`, the process that owns the group (e.g. a backgrounded `fleet infra up`) gets SIGTERM
+    first, so it can shut down cleanly; whatever is still running afterwards is stopped here, in reverse order:
+    SIGTERM to the process group, SIGKILL after `timeout`. A PID is only signalled after checking (through
+    /proc: start time, command line) that it is still the recorded process. The file is removed at the end.
+    """
+    path = Path(path)
+    entries = read_state(path)
+    outcome: dict[str, str] = {}
+    if stop_owner:
+        owners = {
+            (e["owner"]["pid"], e["owner"].get("start_time")): e["owner"] for e in entries.values() if e.get("owner")
+        }
+        for (opid, ostart), owner in owners.items():
+            if opid == os.getpid() or not same_process(opid, ostart, owner.get("cmdline")):
+                continue
+            log.info("stopping owner pid %d", opid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(opid, signal.SIGTERM)
+            if not _wait_gone(opid, ostart, timeout):
+                log.warning("owner pid %d still running after %.1fs; stopping its components directly", opid, timeout)
+    for name, entry in reversed(list(entries.items())):
+        pid = entry.get("pid")
+        if not pid:
+            outcome[name] = "no pid"
+            continue
+        start = entry.get("start_time")
+        if not same_process(pid, start, entry.get("cmdline"), entry.get("exe")):
+            if pid_alive(pid):
+                outcome[name] = f"not running (pid {pid} is now another process: left alone)"
+            else:
+                outcome[name] = "not running"
+            continue
+        try:
+            is_leader = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            outcome[name] = "not running"
+            continue
+        if is_leader:
+            _terminate_tree(pid, lambda s, p=pid, t=start: _wait_gone(p, t, s), timeout)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid, start, timeout) and same_process(pid, start, entry.get("cmdline"), entry.get("exe")):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, start, 5.0)
+        outcome[name] = "stopped"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return outcome

@@ -1,0 +1,621 @@
+// SWE AI Fleet monitoring page: plain JS, no build step. Everything comes from the JSON API and the SSE feed.
+"use strict";
+
+const MAX_EVENTS = 3000; // events kept in the page
+const MAX_ROWS = 500; // timeline rows drawn
+const TOKEN_TEXT_LIMIT = 20000;
+
+const state = {
+  catalog: null,
+  events: [], // oldest first
+  seen: new Set(),
+  tokens: new Map(), // "<deliberation>/<agent>" -> {deliberation_id, agent_id, phase, text, done, story_id, seq}
+  deadLetters: [],
+  approval: null, // {story_id, plan_id, event_id}
+  idempotencyKey: null,
+  selectedTask: null,
+  source: null,
+};
+
+// --- small helpers -----------------------------------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k === "text") el.textContent = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+const $ = (id) => document.getElementById(id);
+const clip = (s, n) => (s && s.length > n ? s.slice(0, n - 1) + "…" : s || "");
+const time = (iso) => (iso ? new Date(iso).toLocaleTimeString([], { hour12: false }) : "");
+// At most one call per `ms`, the last one always made (keeps updating during a steady stream of events).
+const throttle = (fn, ms) => {
+  let timer = null;
+  return () => {
+    if (timer === null) timer = setTimeout(() => ((timer = null), fn()), ms);
+  };
+};
+const debounce = (fn, ms) => {
+  let t = null;
+  return (...a) => {
+    clearTimeout(t);
+    t = setTimeout(() => fn(...a), ms);
+  };
+};
+
+async function api(path, options) {
+  const res = await fetch(path, options);
+  let body = null;
+  try {
+    body = await res.json();
+  } catch (_) {
+    body = null;
+  }
+  return { ok: res.ok, status: res.status, body };
+}
+
+function problem(r) {
+  if (r.body && typeof r.body.detail === "string") return r.body.detail;
+  return `HTTP ${r.status}`;
+}
+
+// --- tabs ----------------------------------------------------------------------------------------------------------
+
+function showTab() {
+  const name = (location.hash || "#timeline").slice(1);
+  const known = [...document.querySelectorAll("section.tab")].map((s) => s.dataset.tab);
+  const tab = known.includes(name) ? name : "timeline";
+  for (const s of document.querySelectorAll("section.tab")) s.hidden = s.dataset.tab !== tab;
+  for (const a of document.querySelectorAll("nav.tabs a")) a.classList.toggle("active", a.dataset.tab === tab);
+  if (tab === "councils") loadCouncils();
+  if (tab === "deliberations") loadDeliberations();
+}
+
+// --- dependencies banner ------------------------------------------------------------------------------------------
+
+function setPill(id, ok, title) {
+  const pill = $(id);
+  pill.dataset.state = ok === null ? "unknown" : ok ? "ok" : "down";
+  if (title) pill.title = title;
+}
+
+async function pollDependencies() {
+  const lines = [];
+  try {
+    const r = await api("/api/dependencies");
+    if (!r.ok) throw new Error(problem(r));
+    for (const d of r.body.dependencies) {
+      setPill(`pill-${d.name}`, d.ok, `${d.name} ${d.address}: ${d.detail}`);
+      if (!d.ok) lines.push({ dependency: d.name, text: d.detail });
+    }
+    if (r.body.dependencies.find((d) => d.name === "nats" && d.ok)) {
+      for (const s of r.body.streams) {
+        if (!s.ok) lines.push({ dependency: "stream", text: `live feed, ${s.stream}: ${s.detail}` });
+      }
+    }
+  } catch (e) {
+    lines.push({ dependency: "monitoring", text: `monitoring service unreachable (${e.message}); retrying` });
+    setPill("pill-nats", null);
+    setPill("pill-orchestrator", null);
+  }
+  const banner = $("banner");
+  banner.replaceChildren(...lines.map((l) => h("div", { class: "banner-line", dataset: { dependency: l.dependency } }, l.text)));
+  banner.hidden = lines.length === 0;
+}
+
+// --- live feed -------------------------------------------------------------------------------------------------------
+
+function connectFeed() {
+  if (state.source) state.source.close();
+  const source = new EventSource("/api/events/stream");
+  state.source = source;
+  setPill("pill-feed", null, "connecting");
+  source.addEventListener("open", () => setPill("pill-feed", true, "live feed connected"));
+  source.addEventListener("feed", (m) => addEvent(JSON.parse(m.data)));
+  source.addEventListener("replayed", () => {
+    setPill("pill-feed", true, "live feed connected");
+    renderTimeline();
+  });
+  source.addEventListener("dropped", (m) => {
+    const why = JSON.parse(m.data).reason;
+    source.close();
+    setPill("pill-feed", false, `dropped: ${why}; reconnecting`);
+    setTimeout(connectFeed, 1000);
+  });
+  source.addEventListener("error", () => setPill("pill-feed", false, "live feed disconnected; reconnecting"));
+}
+
+const refreshDeliberations = throttle(() => {
+  if (!$("tab-deliberations").hidden) loadDeliberations();
+  if (state.selectedTask && !$("tab-deliberations").hidden) showDeliberation(state.selectedTask, false);
+}, 700);
+
+const seenKey = (ev) => `${ev.id}/${ev.event_id}`; // a stream created again reuses sequences
+
+function addEvent(ev) {
+  if (state.seen.has(seenKey(ev))) return;
+  state.seen.add(seenKey(ev));
+  state.events.push(ev);
+  if (state.events.length > MAX_EVENTS) {
+    const gone = state.events.splice(0, state.events.length - MAX_EVENTS);
+    for (const g of gone) state.seen.delete(seenKey(g));
+  }
+  if (isTokens(ev)) onToken(ev);
+  else if (isDeadLetter(ev)) onDeadLetter(ev);
+  else if (ev.deliberation_id) refreshDeliberations();
+  if (timelineWants(ev) && !$("filter-pause").checked) prependRow(ev);
+  onApprovalProgress(ev);
+}
+
+const isTokens = (ev) => ev.family === state.catalog.token_family;
+const isDeadLetter = (ev) => ev.family === state.catalog.dead_letter_family;
+
+// --- timeline ----------------------------------------------------------------------------------------------------------
+
+function timelineWants(ev) {
+  const family = $("filter-family").value;
+  const story = $("filter-story").value.trim();
+  if (family === "" && isTokens(ev)) return false;
+  if (family && family !== "*" && ev.family !== family) return false;
+  if (story && ev.story_id !== story) return false;
+  return true;
+}
+
+function summary(ev) {
+  const p = ev.payload || {};
+  if (ev.dead_letter) {
+    const d = ev.dead_letter;
+    return `${d.reason} (from ${d.original_subject}${d.consumer ? ", consumer " + d.consumer : ""})`;
+  }
+  if (ev.error) return `invalid event: ${ev.error}`;
+  switch (ev.event_type) {
+    case "planning.plan.approved": {
+      const roles = p.roles ? p.roles.join(", ") : "all roles";
+      const tasks = p.tasks ? `, ${p.tasks.length} task(s)` : "";
+      return `plan ${p.plan_id} of story ${p.story_id} approved by ${p.approved_by} (${roles}${tasks})`;
+    }
+    case "orchestration.task.dispatched":
+      return `task ${p.task_id} → ${p.role} council (deliberation ${p.deliberation_id})`;
+    case "orchestration.deliberation.started":
+      return `${p.role} council ${p.council_id} started on ${p.task_id} with ${p.num_agents} agents${p.executor ? " (" + p.executor + ")" : ""}`;
+    case "orchestration.deliberation.completed":
+      return `${p.role} on ${p.task_id}: winner ${p.winner_id} (score ${Number(p.winner_score).toFixed(2)}, ${p.selection_method}) in ${(p.duration_ms / 1000).toFixed(1)} s`;
+    case "orchestration.deliberation.failed":
+      return `${p.role} on ${p.task_id}: ${p.status}: ${p.error}`;
+    case "agent.request.dispatched":
+      return `${p.agent_id} asked for ${p.phase}${p.executor ? " on " + p.executor : ""}`;
+    case "agent.response.completed":
+      return `${p.agent_id} answered ${p.phase} (${p.prompt_tokens}+${p.completion_tokens} tokens, ${Math.round(p.latency_ms)} ms)`;
+    case "agent.response.failed":
+      return `${p.agent_id} failed in ${p.phase}: ${p.error}`;
+    case "vllm.streaming.chunk":
+      return `${p.agent_id} ${p.phase} ${p.kind} #${p.seq}: ${clip(p.text, 80)}`;
+    case "context.updated":
+      return `context of ${p.story_id} is now ${p.version} (${p.changes} changes${p.reason ? ": " + p.reason : ""})`;
+    case "context.decision.added":
+      return `decision ${p.decision_id}: ${p.title}`;
+    default:
+      return clip(JSON.stringify(p), 160);
+  }
+}
+
+function eventRow(ev) {
+  const fam = ev.family;
+  const details = h("pre", { class: "json" }, JSON.stringify(ev.payload ?? ev.raw, null, 2));
+  const row = h(
+    "tr",
+    {
+      class: `ev fam-${fam}${ev.error && !ev.dead_letter ? " invalid" : ""}`,
+      dataset: { id: ev.id, eventType: ev.event_type || "", eventId: ev.event_id || "" },
+      title: `${ev.stream} #${ev.seq} · ${ev.event_id || "no event id"} · producer ${ev.producer || "?"}`,
+    },
+    h("td", { class: "t" }, time(ev.time)),
+    h("td", {}, h("span", { class: `badge fam-${fam}` }, fam)),
+    h("td", { class: "subject" }, ev.subject),
+    h("td", {}, ev.story_id),
+    h("td", { class: "what" }, h("details", {}, h("summary", {}, summary(ev)), details)),
+  );
+  return row;
+}
+
+function prependRow(ev) {
+  const body = $("timeline");
+  body.prepend(eventRow(ev));
+  while (body.children.length > MAX_ROWS) body.lastElementChild.remove();
+  $("timeline-empty").hidden = true;
+  $("timeline-count").textContent = `${body.children.length} shown`;
+}
+
+function renderTimeline() {
+  const rows = state.events.filter(timelineWants).slice(-MAX_ROWS).reverse().map(eventRow);
+  $("timeline").replaceChildren(...rows);
+  $("timeline-empty").hidden = rows.length > 0;
+  $("timeline-count").textContent = `${rows.length} shown`;
+}
+
+// --- token streams ------------------------------------------------------------------------------------------------
+
+function onToken(ev) {
+  const p = ev.payload;
+  if (!p) return;
+  const key = `${p.deliberation_id}/${p.agent_id}`;
+  let t = state.tokens.get(key);
+  if (!t || (p.kind === "start" && t.done)) {
+    t = { deliberation_id: p.deliberation_id, agent_id: p.agent_id, phase: p.phase, text: "", done: false, seq: -1 };
+    state.tokens.set(key, t);
+  }
+  if (p.seq <= t.seq) return;
+  t.seq = p.seq;
+  t.phase = p.phase;
+  t.story_id = ev.story_id;
+  if (p.kind === "start") t.text = "";
+  t.text = (t.text + (p.text || "")).slice(-TOKEN_TEXT_LIMIT);
+  if (p.kind === "end") t.done = true;
+  if (state.tokens.size > 60) state.tokens.delete(state.tokens.keys().next().value);
+  renderTokenBox(t, $("tokens"));
+  $("tokens-empty").hidden = true;
+  if (state.approval && t.story_id === state.approval.story_id) renderProgressDeliberations();
+}
+
+function tokenBox(t) {
+  return h(
+    "div",
+    { class: `card token${t.done ? " done" : ""}`, dataset: { key: `${t.deliberation_id}/${t.agent_id}` } },
+    h("div", { class: "token-head" }, h("strong", {}, t.agent_id), " ", h("span", { class: "muted" }, `${t.phase} · ${t.deliberation_id}`), " ", h("span", { class: "badge" }, t.done ? "done" : "streaming…")),
+    h("pre", { class: "token-text" }, t.text),
+  );
+}
+
+function renderTokenBox(t, container) {
+  const key = `${t.deliberation_id}/${t.agent_id}`;
+  const old = [...container.children].find((c) => c.dataset.key === key);
+  const box = tokenBox(t);
+  if (old) old.replaceWith(box);
+  else container.prepend(box);
+  const pre = box.querySelector("pre");
+  pre.scrollTop = pre.scrollHeight;
+}
+
+// --- dead letters -----------------------------------------------------------------------------------------------------
+
+function onDeadLetter(ev) {
+  state.deadLetters.unshift(ev);
+  const d = ev.dead_letter || {};
+  const row = h(
+    "tr",
+    { class: "ev fam-deadletter", dataset: { id: ev.id } },
+    h("td", { class: "t" }, time(ev.time)),
+    h("td", { class: "subject" }, d.original_subject),
+    h("td", { class: "reason" }, h("details", {}, h("summary", {}, d.reason), h("pre", { class: "json" }, ev.payload ? JSON.stringify(ev.payload, null, 2) : ev.raw))),
+    h("td", {}, d.consumer),
+    h("td", {}, d.deliveries ?? ""),
+    h("td", { class: "mono" }, d.original_event_id || ev.event_id || ""),
+  );
+  $("dead-letters").prepend(row);
+  $("dead-letters-empty").hidden = true;
+  const count = $("dl-count");
+  count.textContent = String(state.deadLetters.length);
+  count.hidden = false;
+}
+
+// --- councils ---------------------------------------------------------------------------------------------------------
+
+async function loadCouncils() {
+  const box = $("councils");
+  const [st, r] = await Promise.all([api("/api/orchestrator/status"), api("/api/councils")]);
+  if (st.ok) {
+    const s = st.body.stats || {};
+    const byStatus = Object.entries(s.deliberations_by_status || {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+    $("orch-status").replaceChildren(
+      h("div", { class: "card stats" },
+        h("strong", {}, `Orchestrator ${st.body.status}`),
+        ` · up ${st.body.uptime_seconds} s · ${s.total_deliberations ?? 0} deliberations (${byStatus || "none"}) · average ${Math.round(s.average_duration_ms || 0)} ms · ${s.in_flight ?? 0} in flight · executor ${s.executor || "?"}`),
+    );
+  } else {
+    $("orch-status").replaceChildren(h("p", { class: "error" }, problem(st)));
+  }
+  if (!r.ok) {
+    box.replaceChildren();
+    return;
+  }
+  if (!r.body.councils.length) {
+    box.replaceChildren(h("p", { class: "empty" }, "No councils yet."));
+    return;
+  }
+  box.replaceChildren(
+    ...r.body.councils.map((c) =>
+      h("div", { class: "card council" },
+        h("h3", {}, `${c.role} `, h("span", { class: "muted" }, `${c.council_id} · ${c.num_agents} agents`)),
+        h("table", { class: "small" },
+          h("thead", {}, h("tr", {}, h("th", {}, "agent"), h("th", {}, "persona"), h("th", {}, "temperature"), h("th", {}, "seed"))),
+          h("tbody", {}, c.agents.map((a) => h("tr", {}, h("td", { class: "mono" }, a.agent_id), h("td", {}, a.persona), h("td", {}, a.temperature.toFixed(2)), h("td", {}, a.seed))))),
+      ),
+    ),
+  );
+}
+
+// --- deliberations -------------------------------------------------------------------------------------------------
+
+function statusBadge(status) {
+  return h("span", { class: `badge status-${String(status).toLowerCase()}` }, status);
+}
+
+async function loadDeliberations() {
+  const story = $("delib-story").value.trim();
+  const r = await api(`/api/deliberations?limit=200${story ? "&story=" + encodeURIComponent(story) : ""}`);
+  if (!r.ok) return;
+  const rows = r.body.map((d) =>
+    h("tr", { class: `clickable${d.task_id === state.selectedTask ? " selected" : ""}`, onclick: () => d.task_id && showDeliberation(d.task_id, true) },
+      h("td", {}, statusBadge(d.status)),
+      h("td", {}, d.role),
+      h("td", { class: "mono" }, d.task_id),
+      h("td", {}, d.story_id),
+      h("td", {}, d.winner_id ? `${d.winner_id} (${Number(d.winner_score).toFixed(2)})` : ""),
+      h("td", { class: "t" }, time(d.updated_at)),
+    ),
+  );
+  $("delib-list").replaceChildren(...rows);
+  $("delib-empty").hidden = rows.length > 0;
+}
+
+function section(title, ...content) {
+  return h("section", { class: "detail-section" }, h("h3", {}, title), ...content);
+}
+
+async function showDeliberation(taskId, scroll) {
+  state.selectedTask = taskId;
+  const box = $("delib-detail");
+  const r = await api(`/api/deliberations/${encodeURIComponent(taskId)}`);
+  if (!r.ok) {
+    const seen = (await api(`/api/deliberations?limit=500`)).body || [];
+    const s = seen.find((d) => d.task_id === taskId);
+    box.replaceChildren(
+      h("h2", {}, `Task ${taskId}`),
+      h("p", { class: "error" }, problem(r)),
+      s ? eventSummary(s) : h("p", { class: "muted" }, "Nothing about this task in the events either."),
+    );
+    return;
+  }
+  const d = r.body;
+  const sel = d.selection || {};
+  const parts = [
+    h("h2", {}, `Task ${d.task_id} `, statusBadge(d.status)),
+    h("p", { class: "muted" }, `${d.role} · council ${d.council_id} · deliberation ${d.deliberation_id} · story ${d.story_id || "-"} · ${d.executor || "?"} executor · ${(d.duration_ms / 1000).toFixed(1)} s · ${d.total_tokens} tokens${d.context_version ? " · context " + d.context_version : ""}`),
+  ];
+  if (d.error_message) parts.push(h("p", { class: "error" }, d.error_message));
+  if (sel.winner_id) {
+    parts.push(section("Winner", h("p", {}, h("strong", {}, sel.winner_id), ` chosen by ${sel.method}${sel.selected_by ? " (" + sel.selected_by + ")" : ""}`), h("blockquote", { class: "rationale" }, sel.rationale || "(no rationale)")));
+  }
+  if (d.phase_durations.length) {
+    parts.push(section("Phases", h("p", {}, d.phase_durations.map((p) => h("span", { class: "chip" }, `${p.phase} ${Math.round(p.duration_ms)} ms`)))));
+  }
+  parts.push(section(`Proposals (${d.results.length})`, ...d.results.map((rp) => proposalCard(rp, d.winner_id))));
+  if (d.critiques.length) {
+    parts.push(section(`Critiques (${d.critiques.length})`,
+      h("table", { class: "small" },
+        h("thead", {}, h("tr", {}, h("th", {}, "round"), h("th", {}, "critic → author"), h("th", {}, "verdict"), h("th", {}, "summary and issues"))),
+        h("tbody", {}, d.critiques.map((c) => h("tr", {}, h("td", {}, c.round), h("td", { class: "mono" }, `${c.critic_id} → ${c.author_id}`), h("td", {}, c.verdict), h("td", {}, c.summary, c.issues.length ? h("ul", {}, c.issues.map((i) => h("li", {}, i))) : null)))))));
+  }
+  if (d.usage.length) {
+    parts.push(section("Tokens",
+      h("table", { class: "small" },
+        h("thead", {}, h("tr", {}, h("th", {}, "agent"), h("th", {}, "phase"), h("th", {}, "prompt"), h("th", {}, "completion"))),
+        h("tbody", {}, d.usage.map((u) => h("tr", {}, h("td", { class: "mono" }, u.agent_id), h("td", {}, u.phase), h("td", {}, u.prompt_tokens), h("td", {}, u.completion_tokens)))))));
+  }
+  if (d.failures.length) {
+    parts.push(section("Agent failures", h("ul", {}, d.failures.map((f) => h("li", {}, `${f.agent_id} in ${f.phase}: ${f.error}`)))));
+  }
+  box.replaceChildren(...parts);
+  if (scroll) box.scrollIntoView({ block: "nearest" });
+}
+
+function proposalCard(rp, winnerId) {
+  const p = rp.proposal || {};
+  const winner = p.author_id && p.author_id === winnerId;
+  return h("div", { class: `card proposal${winner ? " winner" : ""}` },
+    h("div", { class: "proposal-head" },
+      h("strong", {}, `#${rp.rank} ${p.author_id}`), winner ? h("span", { class: "badge status-completed" }, "winner") : null,
+      h("span", { class: "muted" }, ` score ${rp.score.toFixed(2)} (peers ${rp.peer_score.toFixed(2)}, checks ${rp.check_score.toFixed(2)})`)),
+    h("pre", { class: "content" }, p.content),
+    p.revisions && p.revisions.length > 1
+      ? h("details", {}, h("summary", {}, `${p.revisions.length} revisions`), p.revisions.map((rv) => h("div", { class: "revision" }, h("strong", {}, `revision ${rv.number}`), rv.reason ? ` — ${rv.reason}` : "", h("pre", {}, rv.content))))
+      : null,
+    rp.checks.length
+      ? h("div", { class: "checks" }, rp.checks.map((c) =>
+          h("details", { class: `check ${!c.applicable ? "na" : c.passed ? "pass" : "fail"}` },
+            h("summary", {}, `${!c.applicable ? "–" : c.passed ? "✓" : "✗"} ${c.name}`),
+            c.detail ? h("p", {}, c.detail) : null,
+            c.findings.length ? h("ul", {}, c.findings.map((f) => h("li", {}, `${f.severity}${f.block ? " block " + f.block : ""}${f.line ? " line " + f.line : ""}: ${f.message}`))) : null)))
+      : null,
+    rp.votes.length
+      ? h("table", { class: "small votes" },
+          h("thead", {}, h("tr", {}, h("th", {}, "voter"), h("th", {}, "position"), h("th", {}, "scores"), h("th", {}, "reason"))),
+          h("tbody", {}, rp.votes.map((v) => h("tr", {}, h("td", { class: "mono" }, v.voter_id), h("td", {}, v.position), h("td", {}, Object.entries(v.scores).sort().map(([k, s]) => `${k} ${s}`).join(", ")), h("td", {}, v.reason)))))
+      : null,
+  );
+}
+
+function eventSummary(s) {
+  return h("div", { class: "card" },
+    h("p", {}, statusBadge(s.status), ` ${s.role} · deliberation ${s.deliberation_id} · agents ${s.agents.join(", ") || "?"}`),
+    s.winner_id ? h("p", {}, `Winner ${s.winner_id} (score ${Number(s.winner_score).toFixed(2)}, ${s.selection_method})`) : null,
+    s.rationale ? h("blockquote", { class: "rationale" }, s.rationale) : null,
+    s.winner_content ? h("pre", { class: "content" }, s.winner_content) : null,
+    s.error ? h("p", { class: "error" }, s.error) : null,
+    h("p", { class: "muted" }, "From the events (the orchestrator has the full result)."),
+  );
+}
+
+// --- the approval form ------------------------------------------------------------------------------------------------
+
+function addTaskRow(task) {
+  const index = $("f-tasks").children.length;
+  const roleSelect = h("select", { name: "role" }, state.catalog.roles.map((r) => h("option", { value: r }, r)));
+  if (task && task.role) roleSelect.value = task.role;
+  const row = h("div", { class: "task-row" },
+    h("div", { class: "field", dataset: { field: `tasks.${index}.task_id` } }, h("input", { name: "task_id", placeholder: "task id", "aria-label": `task ${index + 1} id` }), h("div", { class: "field-error" })),
+    h("div", { class: "field", dataset: { field: `tasks.${index}.role` } }, roleSelect, h("div", { class: "field-error" })),
+    h("div", { class: "field grow", dataset: { field: `tasks.${index}.description` } }, h("input", { name: "description", placeholder: "what to do", "aria-label": `task ${index + 1} description` }), h("div", { class: "field-error" })),
+    h("button", { type: "button", class: "secondary remove", title: "remove this task", onclick: () => { row.remove(); renumberTasks(); } }, "×"),
+  );
+  $("f-tasks").append(row);
+}
+
+function renumberTasks() {
+  [...$("f-tasks").children].forEach((row, i) => {
+    for (const f of row.querySelectorAll(".field")) f.dataset.field = f.dataset.field.replace(/^tasks\.\d+\./, `tasks.${i}.`);
+  });
+}
+
+function formData() {
+  const form = $("approve-form");
+  const value = (name) => form.elements[name].value.trim();
+  const data = { story_id: value("story_id"), plan_id: value("plan_id"), approved_by: value("approved_by") };
+  // Empty required fields are left out, so the catalog's model names them as missing.
+  for (const k of Object.keys(data)) if (!data[k]) delete data[k];
+  if (value("title")) data.title = value("title");
+  if (value("description")) data.description = value("description");
+  const roles = [...form.querySelectorAll("#f-roles input:checked")].map((i) => i.value);
+  if (roles.length) data.roles = roles;
+  const tasks = [...$("f-tasks").children].map((row) => {
+    const t = { role: row.querySelector("select").value };
+    const id = row.querySelector("[name=task_id]").value.trim();
+    if (id) t.task_id = id;
+    t.description = row.querySelector("[name=description]").value.trim();
+    return t;
+  });
+  if (tasks.length) data.tasks = tasks;
+  return data;
+}
+
+function clearErrors() {
+  for (const e of document.querySelectorAll("#approve-form .field-error")) e.textContent = "";
+  for (const f of document.querySelectorAll("#approve-form .field.has-error")) f.classList.remove("has-error");
+  $("form-errors").replaceChildren();
+}
+
+function showErrors(detail) {
+  const general = [];
+  for (const err of detail) {
+    const loc = (err.loc || []).slice(err.loc && err.loc[0] === "body" ? 1 : 0).map(String);
+    let field = null;
+    for (let n = loc.length; n > 0 && !field; n--) {
+      field = document.querySelector(`#approve-form .field[data-field="${CSS.escape(loc.slice(0, n).join("."))}"]`);
+    }
+    let msg = err.msg.replace(/^Value error, /, "");
+    if (err.type === "string_pattern_mismatch") msg = `not a valid id (${state.catalog.id_rule})`;
+    if (field) {
+      const box = field.querySelector(".field-error");
+      box.textContent = box.textContent ? `${box.textContent}; ${msg}` : msg;
+      field.classList.add("has-error");
+    } else {
+      general.push(`${loc.join(".") || "request"}: ${msg}`);
+    }
+  }
+  $("form-errors").replaceChildren(...general.map((g) => h("div", {}, g)));
+}
+
+async function submitApproval(e) {
+  e.preventDefault();
+  clearErrors();
+  const result = $("approve-result");
+  result.textContent = "publishing…";
+  result.className = "result";
+  state.idempotencyKey = state.idempotencyKey || crypto.randomUUID().replaceAll("-", "");
+  const r = await api("/api/approve-plan", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "Idempotency-Key": state.idempotencyKey },
+    body: JSON.stringify(formData()),
+  });
+  if (r.status === 201) {
+    state.idempotencyKey = null;
+    result.textContent = `Published ${r.body.event_type} ${r.body.event_id} (${r.body.stream} #${r.body.seq})${r.body.duplicate ? " — already published" : ""}`;
+    result.className = "result ok";
+    startProgress(r.body);
+  } else if (r.status === 422 && Array.isArray(r.body?.detail)) {
+    result.textContent = "Please fix the highlighted fields.";
+    result.className = "result error";
+    showErrors(r.body.detail);
+  } else {
+    result.textContent = `Not published: ${problem(r)}`;
+    result.className = "result error";
+    pollDependencies();
+  }
+}
+
+function startProgress(accepted) {
+  state.approval = { story_id: accepted.story_id, plan_id: accepted.plan_id, event_id: accepted.event_id };
+  $("progress-hint").textContent = `Story ${accepted.story_id}, plan ${accepted.plan_id}: events as they happen.`;
+  $("progress-events").replaceChildren();
+  $("progress-deliberations").replaceChildren();
+  for (const ev of state.events) onApprovalProgress(ev);
+}
+
+function onApprovalProgress(ev) {
+  const a = state.approval;
+  if (!a) return;
+  const mine = ev.event_id === a.event_id || (ev.story_id === a.story_id && !isTokens(ev));
+  if (!mine) return;
+  const list = $("progress-events");
+  if ([...list.children].some((li) => li.dataset.id === ev.id)) return;
+  list.append(h("li", { dataset: { id: ev.id, eventType: ev.event_type || "" } }, h("span", { class: "t" }, time(ev.time)), " ", h("span", { class: `badge fam-${ev.family}` }, ev.event_type || ev.subject), " ", summary(ev)));
+  renderProgressDeliberations();
+}
+
+const renderProgressDeliberations = throttle(async () => {
+  const a = state.approval;
+  if (!a) return;
+  const r = await api(`/api/deliberations?story=${encodeURIComponent(a.story_id)}`);
+  if (!r.ok) return;
+  const cards = r.body.map((d) => {
+    const streams = [...state.tokens.values()].filter((t) => t.deliberation_id === d.deliberation_id);
+    return h("div", { class: "card delib", dataset: { deliberation: d.deliberation_id } },
+      h("div", {}, statusBadge(d.status), " ", h("strong", {}, `${d.role} · ${d.task_id}`), h("span", { class: "muted" }, ` ${d.num_agents || d.agents.length} agents`)),
+      d.winner_id ? h("p", {}, `Winner ${d.winner_id} (score ${Number(d.winner_score).toFixed(2)}, ${d.selection_method})`) : null,
+      d.rationale ? h("blockquote", { class: "rationale" }, clip(d.rationale, 400)) : null,
+      d.error ? h("p", { class: "error" }, d.error) : null,
+      streams.length ? h("div", { class: "mini-tokens" }, streams.map((t) => h("div", {}, h("span", { class: "mono" }, t.agent_id), `${t.done ? " ✓" : " …"} `, h("span", { class: "muted" }, clip(t.text.slice(-160), 160))))) : null,
+      h("a", { href: "#deliberations", onclick: () => setTimeout(() => showDeliberation(d.task_id, true), 50) }, "details →"),
+    );
+  });
+  $("progress-deliberations").replaceChildren(...cards);
+}, 300);
+
+// --- start ------------------------------------------------------------------------------------------------------------
+
+async function init() {
+  const r = await api("/api/catalog");
+  if (!r.ok) {
+    $("banner").replaceChildren(h("div", { class: "banner-line" }, `monitoring API unavailable: ${problem(r)}; reload the page`));
+    $("banner").hidden = false;
+    return;
+  }
+  state.catalog = r.body;
+  const familySelect = $("filter-family");
+  for (const f of state.catalog.families) familySelect.append(h("option", { value: f.name }, `${f.name} (${f.subjects.join(" ")})`));
+  $("f-roles").replaceChildren(...state.catalog.roles.map((role) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "roles", value: role }), ` ${role}`)));
+  $("add-task").addEventListener("click", () => addTaskRow());
+  $("approve-form").addEventListener("submit", submitApproval);
+  $("approve-form").addEventListener("input", () => (state.idempotencyKey = null));
+  for (const id of ["filter-family", "filter-story", "filter-pause"]) $(id).addEventListener("input", renderTimeline);
+  $("delib-story").addEventListener("input", debounce(loadDeliberations, 300));
+  $("delib-lookup").addEventListener("click", () => $("delib-task").value.trim() && showDeliberation($("delib-task").value.trim(), true));
+  $("councils-refresh").addEventListener("click", loadCouncils);
+  window.addEventListener("hashchange", showTab);
+  showTab();
+  connectFeed();
+  pollDependencies();
+  setInterval(pollDependencies, 3000);
+}
+
+document.addEventListener("DOMContentLoaded", init);

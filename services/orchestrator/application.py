@@ -1,0 +1,413 @@
+"""Orchestrator use cases: councils, deliberations, plan approvals, status.
+
+Ports (typing.Protocol, defined here where they are used): a Store (Valkey), a Runner that runs one
+deliberation (the engine with the in-process executor, or the ray-executor service), a ContextSource (the
+context service) and an event publisher (the bus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from services.common import events as ev
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.events import DeliberationStatus, Role
+from services.deliberation.domain import (
+    AgentSpec,
+    Council,
+    DeliberationResult,
+    ProgressEvent,
+    Task,
+    make_council,
+)
+from services.orchestrator.adapters.valkey import TERMINAL
+
+log = logging.getLogger("fleet.orchestrator")
+
+Progress = Callable[[ProgressEvent], Awaitable[None]]
+PHASES = ("DESIGN", "BUILD", "TEST", "DOCS")
+
+
+class Store(Protocol):
+    async def add_council(self, council: Council) -> bool: ...
+    async def councils(self) -> list[Council]: ...
+    async def council(self, role: Role) -> Council | None: ...
+    async def delete_council(self, role: Role) -> Council | None: ...
+    async def save(self, result: DeliberationResult) -> None: ...
+    async def get(self, deliberation_id: str) -> DeliberationResult | None: ...
+    async def latest_for_task(self, task_id: str) -> DeliberationResult | None: ...
+    async def running(self) -> list[str]: ...
+    async def take_lease(self, deliberation_id: str, owner: str, seconds: float) -> bool: ...
+    async def renew_lease(self, deliberation_id: str, seconds: float) -> None: ...
+    async def drop_lease(self, deliberation_id: str) -> None: ...
+    async def lease_holder(self, deliberation_id: str) -> str | None: ...
+    async def stats(self) -> tuple[dict[str, int], dict[str, int], float, int]: ...
+
+
+class Runner(Protocol):
+    """Runs one deliberation to its end (never raises for LLM trouble: the result says FAILED/TIMEOUT)."""
+
+    name: str
+
+    async def run(
+        self, task: Task, council: Council, architect: AgentSpec | None, deliberation_id: str, on_progress: Progress
+    ) -> DeliberationResult: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    text: str
+    version: str
+
+
+class ContextSource(Protocol):
+    async def get_context(self, story_id: str, role: Role, phase: str, token_budget: int) -> Context: ...
+
+
+Publish = Callable[[ev.Payload, str], Awaitable[None]]  # (payload, correlation_id)
+
+
+@dataclass(frozen=True)
+class Status:
+    uptime_seconds: int
+    by_status: dict[str, int]
+    by_role: dict[str, int]
+    average_duration_ms: float
+    in_flight: int
+    active_councils: int
+    executor: str
+    degraded: str = ""
+
+
+class Orchestrator:
+    LEASE_SECONDS = 30.0
+
+    def __init__(
+        self,
+        store: Store,
+        runner: Runner,
+        publish: Publish,
+        context: ContextSource | None = None,
+        *,
+        instance_id: str = "orchestrator",
+        context_token_budget: int = 2048,
+        default_num_agents: int = 3,
+    ) -> None:
+        self.store = store
+        self.runner = runner
+        self.publish = publish
+        self.context = context
+        self.instance_id = instance_id
+        self.context_token_budget = context_token_budget
+        self.default_num_agents = default_num_agents
+        self.started = time.monotonic()
+
+    # --- councils ------------------------------------------------------------------------------------------
+
+    async def create_council(self, role: str, num_agents: int = 0) -> Council:
+        council = make_council(Role.parse(role), num_agents or self.default_num_agents)
+        if not await self.store.add_council(council):
+            raise AlreadyExists(f"council for role {council.role} already exists ({council.council_id})")
+        log.info("created %s with %d agents", council.council_id, len(council.agents))
+        return council
+
+    async def ensure_councils(self, num_agents: int = 0) -> list[tuple[Council, bool]]:
+        """Create every role's council that is missing (idempotent); (council, created) per role."""
+        out = []
+        for role in Role:
+            try:
+                out.append((await self.create_council(role, num_agents), True))
+            except AlreadyExists:
+                existing = await self.store.council(role)
+                assert existing is not None
+                out.append((existing, False))
+        return out
+
+    async def list_councils(self, role_filter: str = "") -> list[Council]:
+        councils = await self.store.councils()
+        if role_filter:
+            role = Role.parse(role_filter, field="role_filter")
+            councils = [c for c in councils if c.role == role]
+        return councils
+
+    async def delete_council(self, role: str) -> Council:
+        parsed = Role.parse(role)
+        deleted = await self.store.delete_council(parsed)
+        if deleted is None:
+            raise NotFound(f"no council for role {parsed}")
+        return deleted
+
+    # --- deliberations -------------------------------------------------------------------------------------
+
+    async def deliberate(
+        self,
+        task: Task,
+        *,
+        num_agents: int = 0,
+        phase: str = "BUILD",
+        plan_id: str = "",
+        deliberation_id: str = "",
+        correlation_id: str = "",
+        on_progress: Progress | None = None,
+    ) -> DeliberationResult:
+        """Run one deliberation of `task` by its role's council, recording it and publishing its events."""
+        if phase not in PHASES:
+            raise InvalidArgument("phase", f"must be one of {', '.join(PHASES)}, got {phase!r}")
+        council = await self.store.council(task.role)
+        if council is None:
+            raise FailedPrecondition(
+                f"no council for role {task.role}: create it with CreateCouncil or `fleet councils init`"
+            )
+        n = num_agents or len(council.agents)
+        if not 1 <= n <= len(council.agents):
+            raise InvalidArgument("num_agents", f"must be 1..{len(council.agents)} for {council.council_id}, got {n}")
+        council = replace(council, agents=council.agents[:n])
+        architect = await self._architect(council)
+        deliberation_id = deliberation_id or ev.new_id("delib")
+        cid = correlation_id or deliberation_id
+
+        task = await self._with_context(task, phase)
+        if not await self.store.take_lease(deliberation_id, self.instance_id, self.LEASE_SECONDS):
+            raise AlreadyExists(f"deliberation {deliberation_id} is already running")
+        pending = DeliberationResult.pending(deliberation_id, task, council.council_id, self.runner.name)
+        await self.store.save(pending)
+        await self.publish(
+            ev.TaskDispatched(
+                task_id=task.task_id,
+                role=task.role,
+                deliberation_id=deliberation_id,
+                story_id=task.story_id,
+                plan_id=plan_id,
+                description=task.description[:4000],
+            ),
+            cid,
+        )
+        await self.publish(
+            ev.DeliberationStarted(
+                deliberation_id=deliberation_id,
+                task_id=task.task_id,
+                role=task.role,
+                council_id=council.council_id,
+                story_id=task.story_id,
+                plan_id=plan_id,
+                num_agents=len(council.agents),
+                executor=self.runner.name,
+            ),
+            cid,
+        )
+        keep_lease = asyncio.create_task(self._keep_lease(deliberation_id))
+        try:
+            result = await self.runner.run(task, council, architect, deliberation_id, on_progress or _ignore)
+        except Exception as e:
+            log.exception("deliberation %s crashed", deliberation_id)
+            result = replace(
+                pending,
+                status=DeliberationStatus.FAILED,
+                error_message=f"deliberation crashed: {type(e).__name__}: {e}",
+                finished_at=datetime.now(UTC),
+            )
+        finally:
+            keep_lease.cancel()
+        result = replace(result, executor=self.runner.name, story_id=task.story_id)
+        await self.store.save(result)
+        await self.store.drop_lease(deliberation_id)
+        await self.publish(_outcome_event(result, plan_id), cid)
+        log.info(
+            "deliberation %s of %s (%s) ended %s in %d ms",
+            deliberation_id,
+            task.task_id,
+            task.role,
+            result.status,
+            result.duration_ms,
+        )
+        return result
+
+    async def _architect(self, council: Council) -> AgentSpec | None:
+        """An ARCHITECT agent that did not author a proposal when possible; None: the fallback decides."""
+        architects = await self.store.council(Role.ARCHITECT)
+        if architects is None or not architects.agents:
+            return None
+        authors = {a.agent_id for a in council.agents}
+        return next((a for a in architects.agents if a.agent_id not in authors), architects.agents[0])
+
+    async def _with_context(self, task: Task, phase: str) -> Task:
+        if not task.story_id or self.context is None:
+            return task
+        try:
+            ctx = await self.context.get_context(task.story_id, task.role, phase, self.context_token_budget)
+        except Exception as e:
+            log.warning("context for story %s unavailable, deliberating on the task alone: %s", task.story_id, e)
+            return replace(task, context_version="")
+        return replace(task, context=ctx.text, context_version=ctx.version)
+
+    async def _keep_lease(self, deliberation_id: str) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(self.LEASE_SECONDS / 3)
+                with contextlib.suppress(Exception):
+                    await self.store.renew_lease(deliberation_id, self.LEASE_SECONDS)
+
+    async def result_for_task(self, task_id: str) -> DeliberationResult:
+        if not task_id:
+            raise InvalidArgument("task_id", "is required")
+        result = await self.store.latest_for_task(task_id)
+        if result is None:
+            raise NotFound(f"no deliberation for task {task_id}")
+        return result
+
+    async def recover(self) -> list[str]:
+        """Fail, explicitly, every in-flight deliberation whose runner is gone (its lease expired).
+
+        Plan approvals in flight are not lost: their event was not acknowledged, so JetStream redelivers it
+        and on_plan_approved reruns exactly the deliberations that did not complete.
+        """
+        failed = []
+        for deliberation_id in await self.store.running():
+            if await self.store.lease_holder(deliberation_id):
+                continue
+            record = await self.store.get(deliberation_id)
+            if record is None or record.status in TERMINAL:
+                continue
+            await self.store.save(
+                replace(
+                    record,
+                    status=DeliberationStatus.FAILED,
+                    error_message="orchestrator stopped during the deliberation (lease expired)",
+                    finished_at=datetime.now(UTC),
+                )
+            )
+            failed.append(deliberation_id)
+        if failed:
+            log.warning("marked %d orphaned deliberations FAILED: %s", len(failed), ", ".join(failed))
+        return failed
+
+    # --- plan approvals ---------------------------------------------------------------------------------------
+
+    async def on_plan_approved(self, event: ev.Envelope[ev.PlanApproved]) -> None:
+        """One deliberation per (task, role), all roles at once. Idempotent: a redelivered or repeated approval
+        reruns only the deliberations that have not ended (their ids derive from the event id)."""
+        plan = event.payload
+        jobs = [(t, _stable_id(event.event_id, t.task_id, t.role)) for t in plan_tasks(plan)]
+        outcomes = await asyncio.gather(
+            *(self._deliberate_once(t, did, plan.plan_id, event.correlation_id or event.event_id) for t, did in jobs),
+            return_exceptions=True,
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:  # infrastructure trouble (Valkey, NATS): let the bus retry the approval
+            raise errors[0]
+
+    async def _deliberate_once(self, task: Task, deliberation_id: str, plan_id: str, cid: str) -> None:
+        existing = await self.store.get(deliberation_id)
+        if existing is not None and (existing.status in TERMINAL and not _interrupted(existing)):
+            log.info("approval already handled for %s (%s): %s", task.task_id, task.role, existing.status)
+            return
+        if existing is not None and await self.store.lease_holder(deliberation_id):
+            raise RuntimeError(f"deliberation {deliberation_id} is running elsewhere")
+        try:
+            await self.deliberate(task, plan_id=plan_id, deliberation_id=deliberation_id, correlation_id=cid)
+        except FailedPrecondition as e:  # no council for the role: retrying will not help; record it
+            failed = replace(
+                DeliberationResult.pending(deliberation_id, task, "", self.runner.name),
+                status=DeliberationStatus.FAILED,
+                error_message=e.message,
+                finished_at=datetime.now(UTC),
+            )
+            await self.store.save(failed)
+            await self.publish(_outcome_event(failed, plan_id), cid)
+
+    # --- status --------------------------------------------------------------------------------------------
+
+    async def status(self) -> Status:
+        by_status, by_role, avg, in_flight = await self.store.stats()
+        councils = await self.store.councils()
+        return Status(
+            uptime_seconds=int(time.monotonic() - self.started),
+            by_status=by_status,
+            by_role=by_role,
+            average_duration_ms=avg,
+            in_flight=in_flight,
+            active_councils=len(councils),
+            executor=self.runner.name,
+        )
+
+
+async def _ignore(_: ProgressEvent) -> None:
+    return None
+
+
+def _interrupted(result: DeliberationResult) -> bool:
+    return result.status == DeliberationStatus.FAILED and "orchestrator stopped" in result.error_message
+
+
+def _stable_id(*parts: str) -> str:
+    return "delib-" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def plan_tasks(plan: ev.PlanApproved) -> list[Task]:
+    """The tasks an approval asks for: its tasks of the requested roles, and one task per requested role
+    that has none. Without `roles`, the roles of its tasks (or all five when it has no tasks)."""
+    given = plan.tasks or []
+    roles = list(plan.roles) if plan.roles else (list(dict.fromkeys(t.role for t in given)) or list(Role))
+    out: list[Task] = []
+    for role in roles:
+        mine = [t for t in given if t.role == role]
+        for t in mine:
+            out.append(
+                Task.create(
+                    task_id=t.task_id,
+                    description=t.description,
+                    role=role,
+                    requirements=tuple(t.requirements),
+                    story_id=plan.story_id,
+                )
+            )
+        if not mine:
+            what = plan.description or plan.title or f"the approved plan {plan.plan_id}"
+            out.append(
+                Task.create(
+                    task_id=f"{plan.story_id}:{plan.plan_id}:{role}",
+                    description=f"Story {plan.story_id}, plan {plan.plan_id}: as the {role} council, propose "
+                    f"your part of {what}.",
+                    role=role,
+                    story_id=plan.story_id,
+                )
+            )
+    return out
+
+
+def _outcome_event(result: DeliberationResult, plan_id: str) -> ev.Payload:
+    common: dict[str, Any] = {
+        "deliberation_id": result.deliberation_id,
+        "task_id": result.task_id,
+        "role": result.role,
+        "story_id": result.story_id,
+        "plan_id": plan_id,
+        "duration_ms": int(result.duration_ms),
+    }
+    winner = result.winner
+    if result.status == DeliberationStatus.COMPLETED and winner is not None and result.selection is not None:
+        passed = sum(1 for c in winner.checks if c.applicable and c.passed)
+        failed = sum(1 for c in winner.checks if c.applicable and not c.passed)
+        return ev.DeliberationCompleted(
+            **common,
+            winner_id=winner.proposal.author_id,
+            winner_proposal_id=winner.proposal.proposal_id,
+            winner_content=winner.proposal.content,
+            winner_score=winner.score,
+            selection_method=result.selection.method,
+            rationale=result.selection.rationale,
+            checks_passed=passed,
+            checks_failed=failed,
+            total_tokens=result.total_tokens,
+            context_version=result.context_version,
+        )
+    status = result.status if result.status in (DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT) else "FAILED"
+    return ev.DeliberationFailed(**common, status=status, error=result.error_message or "no winner")

@@ -1,0 +1,126 @@
+"""Composition root of the orchestrator: settings -> adapters -> application -> gRPC server + consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common import events as ev
+from services.common.bus import EventBus
+from services.common.grpc_server import GrpcServer
+from services.common.llm import VLLMClient
+from services.common.logging import configure_logging, correlation_id
+from services.common.metrics import start_metrics_server
+from services.common.settings import load_settings
+from services.common.valkey import SeenSet, connect_valkey, ping
+from services.deliberation.engine import DeliberationEngine, InProcessExecutor, ObservedExecutor
+from services.orchestrator.adapters.grpc_api import OrchestratorServicer
+from services.orchestrator.adapters.valkey import ValkeyStore
+from services.orchestrator.application import Orchestrator
+from services.orchestrator.settings import OrchestratorSettings
+
+log = logging.getLogger("fleet.orchestrator")
+SERVICE_NAME = "fleet.orchestrator.v1.OrchestratorService"
+
+
+class InProcessRunner:
+    """Runs the engine here, agent calls as asyncio tasks; every call is published as agent.* events."""
+
+    name = "in-process"
+
+    def __init__(self, llm: VLLMClient, bus: EventBus) -> None:
+        self.llm = llm
+        self.bus = bus
+
+    async def run(self, task, council, architect, deliberation_id, on_progress):
+        executor = ObservedExecutor(InProcessExecutor(self.llm), self._publish, executor_name=self.name)
+        return await DeliberationEngine(executor, on_progress=on_progress).run(
+            task, council, architect, deliberation_id
+        )
+
+    async def _publish(self, payload: ev.Payload) -> None:
+        await self.bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=correlation_id.get()))
+
+
+@dataclass
+class RunningOrchestrator:
+    app: Orchestrator
+    server: GrpcServer
+    bus: EventBus
+    llm: VLLMClient
+    consumer: object
+    valkey: object
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        await self.bus.close()
+        await self.llm.aclose()
+        await self.valkey.aclose()  # type: ignore[attr-defined]
+
+
+async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> RunningOrchestrator:
+    """Connect everything and start serving (GRPC_PORT 0 picks a free port: used by the tests)."""
+    valkey = connect_valkey(settings.valkey_url)
+    await ping(valkey, settings.valkey_url)
+    bus = await EventBus.connect(settings, ev.ORCHESTRATOR, seen=SeenSet(valkey, settings.idempotency_ttl_seconds))
+    llm = VLLMClient(
+        settings.vllm_url,
+        settings.vllm_model,
+        timeout=settings.vllm_timeout_seconds,
+        max_retries=settings.vllm_max_retries,
+    )
+
+    async def publish(payload: ev.Payload, cid: str) -> None:
+        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid))
+
+    app = Orchestrator(
+        ValkeyStore(valkey),
+        InProcessRunner(llm, bus),
+        publish,
+        instance_id=f"{socket.gethostname()}:{os.getpid()}",
+        context_token_budget=settings.context_token_budget,
+        default_num_agents=settings.default_num_agents,
+    )
+    await app.recover()
+    server = GrpcServer(
+        [(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(app), SERVICE_NAME)],
+        settings.grpc_port,
+        host,
+    )
+    await server.start()
+    consumer = await bus.consume(
+        ev.CONSUMERS["orchestrator-plan-approved"], app.on_plan_approved, concurrency=settings.approval_concurrency
+    )
+    return RunningOrchestrator(app, server, bus, llm, consumer, valkey)
+
+
+async def _serve(settings: OrchestratorSettings) -> None:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "orchestrator ready on :%d (executor %s, vLLM %s)", running.port, running.app.runner.name, settings.vllm_url
+    )
+    await stop.wait()
+    log.info("shutting down")
+    with contextlib.suppress(Exception):
+        await running.stop()
+
+
+def run() -> None:
+    settings = load_settings(OrchestratorSettings)
+    configure_logging("orchestrator", settings.log_level, settings.log_format)
+    start_metrics_server(settings.metrics_port)
+    asyncio.run(_serve(settings))

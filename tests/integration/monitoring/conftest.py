@@ -1,0 +1,127 @@
+"""The monitoring service served in-process (uvicorn on a free port) against a real NATS JetStream.
+
+The orchestrator is not running in these tests unless a test starts one: ORCHESTRATOR_ADDRESS points at a free
+loopback port, so the degraded path ("orchestrator unavailable at host:port") is what the page shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.common import events as ev
+from services.common.bus import EventBus, provision_streams
+from services.common.settings import FleetSettings
+from services.monitoring.main import RunningMonitoring, start
+from services.monitoring.settings import MonitoringSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def monitoring_settings(nats_url: str, **over: Any) -> MonitoringSettings:
+    """Fast checks and short deadlines, so degraded and recovered states show within a second or two."""
+    values: dict[str, Any] = {
+        "nats_url": nats_url,
+        "monitoring_port": 0,
+        "orchestrator_address": f"127.0.0.1:{free_port()}",
+        "orchestrator_timeout_seconds": 1.0,
+        "orchestrator_poll_seconds": 0.5,
+        "monitoring_check_seconds": 0.5,
+        "metrics_port": 0,
+        "log_format": "text",
+    }
+    values.update(over)
+    return MonitoringSettings(**values)
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[EventBus]:
+    """A bus of the test itself (as another service would publish), with every stream provisioned."""
+    settings = FleetSettings(nats_url=nats_url, metrics_port=0)
+    bus = await EventBus.connect(settings, "test")
+    await provision_streams(bus.js, settings)
+    yield bus
+    await bus.close()
+
+
+@pytest.fixture
+async def monitoring(nats_url: str, bus: EventBus) -> AsyncIterator[RunningMonitoring]:
+    running = await start(monitoring_settings(nats_url), port=0)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def client(monitoring: RunningMonitoring) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=monitoring.url, timeout=10) as c:
+        await wait_ready(c)
+        yield c
+
+
+async def wait_ready(client: httpx.AsyncClient, ready: bool = True, timeout: float = 15.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            r = await client.get("/readyz")
+            if (r.status_code == 200) == ready:
+                return r.json()
+            await asyncio.sleep(0.1)
+
+
+async def eventually(probe, timeout: float = 10.0, interval: float = 0.1):
+    """Await `probe()` until it returns something truthy; return that."""
+    async with asyncio.timeout(timeout):
+        while True:
+            got = await probe()
+            if got:
+                return got
+            await asyncio.sleep(interval)
+
+
+class SSEReader:
+    """Reads Server-Sent Events from an httpx streaming response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.lines = response.aiter_lines()
+
+    async def next(self) -> tuple[str, Any]:
+        event, data = "message", []
+        async for line in self.lines:
+            if not line:
+                if data:
+                    return event, json.loads("\n".join(data))
+                event = "message"
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+        raise EOFError("the event stream ended")
+
+    async def until(self, predicate, timeout: float = 10.0) -> tuple[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                kind, data = await self.next()
+                if predicate(kind, data):
+                    return kind, data
+
+
+def approval_payload(story: str = "S-1", plan: str = "P-1", **over: Any) -> ev.PlanApproved:
+    from datetime import UTC, datetime
+
+    values: dict[str, Any] = {"story_id": story, "plan_id": plan, "approved_by": "po", "timestamp": datetime.now(UTC)}
+    values.update(over)
+    return ev.PlanApproved(**values)
