@@ -42,13 +42,14 @@ async def create_all(stub) -> None:
 
 
 def deliberate_request(task_id: str = "T-1", role: str = "DEV", **over) -> pb.DeliberateRequest:
-    return pb.DeliberateRequest(
-        task_id=task_id,
-        task_description="Write a Python function that parses ISO dates, with tests.",
-        role=role,
-        constraints=dpb.Constraints(requirements=["tests"], timeout_seconds=60),
+    fields = {
+        "task_id": task_id,
+        "task_description": "Write a Python function that parses ISO dates, with tests.",
+        "role": role,
+        "constraints": dpb.Constraints(requirements=["tests"], timeout_seconds=60),
         **over,
-    )
+    }
+    return pb.DeliberateRequest(**fields)
 
 
 async def test_health_serving(orchestrator):
@@ -87,7 +88,11 @@ async def test_councils_lifecycle_and_errors(stub):
 async def test_deliberate_returns_ranked_proposals_with_a_winner(stub, bus):
     await create_all(stub)
     seen: list[str] = []
-    sub = await bus.nc.subscribe("orchestration.>", cb=lambda m: seen.append(m.subject) or asyncio.sleep(0))
+
+    async def record(msg):
+        seen.append(msg.subject)
+
+    sub = await bus.nc.subscribe("orchestration.>", cb=record)
     reply = await stub.Deliberate(deliberate_request())
     await sub.unsubscribe()
     assert reply.status == COMPLETED, reply.error_message
