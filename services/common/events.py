@@ -199,7 +199,7 @@ class TokenChunk(Payload):
     deliberation_id: Id
     agent_id: Id
     phase: str
-    model_config = ConfigDict(extra="forbid", frozen=True)  # tokens keep their spaces
+    model_config = ConfigDict(str_strip_whitespace=False)  # tokens keep their spaces
 
     kind: Literal["start", "tokens", "end"]
     seq: int = Field(ge=0)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from services.common import events as ev
 from services.monitoring.feed import (
     FAMILIES,
