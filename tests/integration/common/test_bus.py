@@ -190,7 +190,10 @@ async def test_stream_provisioning_is_idempotent(settings: FleetSettings):
         changed = await provision_streams(js, settings.model_copy(update={"stream_max_bytes": 1 << 20}))
         assert changed[c.Streams.PLANNING_EVENTS] == "updated"
         info = await js.stream_info(c.Streams.PLANNING_EVENTS)
-        assert info.config.max_bytes == 1 << 20 and str(getattr(info.config.retention, "value", info.config.retention)) == "limits"
+        assert (
+            info.config.max_bytes == 1 << 20
+            and str(getattr(info.config.retention, "value", info.config.retention)) == "limits"
+        )
         assert str(getattr(info.config.storage, "value", info.config.storage)) == "file"
         tokens = await js.stream_info(c.Streams.TOKEN_STREAMS)
         assert tokens.config.max_age == c.STREAMS[c.Streams.TOKEN_STREAMS].max_age_seconds
