@@ -282,7 +282,7 @@ async def test_400_is_an_llm_error_without_retry(client: VLLMClient, server: Ser
     with pytest.raises(LLMError, match="max_tokens must be at least 1"):
         await client.complete(request(max_tokens=0))
     stats = await server.astats()
-    assert stats["calls"] == 2 and stats["by_status"] == {"400": 2}
+    assert stats["by_status"].get("400") == 2  # no retry of a 400 (a late call of an earlier test may add a 200)
 
 
 async def test_unparsable_response_is_an_llm_error(client: VLLMClient, server: ServerHandle) -> None:
