@@ -121,7 +121,10 @@ async def test_live_feed_replays_history_then_streams_new_events(
         chunk = ev.TokenChunk(
             deliberation_id="D-1", agent_id="agent-dev-001", phase="GENERATE", kind="tokens", seq=1, text="def f"
         )
-        await bus.publish(ev.make_event(started, ev.ORCHESTRATOR))
+        started_event = ev.make_event(started, ev.ORCHESTRATOR)
+        await bus.publish(started_event)
+        # Two streams, two consumers: let the feed see the deliberation before its tokens.
+        await eventually(lambda: _has_event(client, started_event.event_id))
         await bus.publish(ev.make_event(chunk, ev.ORCHESTRATOR))
         _, live = await sse.until(lambda k, d: k == "feed" and d["event_type"] == "vllm.streaming.chunk")
         assert live["story_id"] == "S-1" and live["family"] == "vllm" and live["payload"]["text"] == "def f"
