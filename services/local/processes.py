@@ -147,6 +147,19 @@ def process_cmdline(pid: int) -> list[str] | None:
     return args
 
 
+def wait_exec(pid: int, argv: Sequence[str], timeout: float = 2.0) -> bool:
+    """Wait (bounded) until `pid` runs `argv`: a freshly forked child shows its parent's (or a wrapper's) command
+    line until it execs, and a state file must record the program's own. False if it never showed up in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cmdline = process_cmdline(pid)
+        if cmdline is None or cmdline == list(argv):
+            return cmdline is not None
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def _process_exe(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/exe")
@@ -466,6 +479,8 @@ class ManagedProcess:
                 log_file.write(f"cannot execute {self.argv[0]}: {e}\n".encode())
                 log_file.close()
                 raise ProcessStartError(self.name, f"cannot execute: {e}", None, self.log_path, self.read_log()) from e
+            if argv is not self.argv:  # let setpriv exec the real program, so the recorded command line is its own
+                wait_exec(self._popen.pid, self.argv)
             log.debug("started %s pid %d: %s", self.name, self._popen.pid, self.argv)
             return self
 

@@ -31,6 +31,7 @@ from services.local.processes import (
     process_tree,
     same_process,
     stop_from_state,
+    wait_exec,
 )
 
 pytestmark = pytest.mark.integration
@@ -228,12 +229,10 @@ def test_group_signal_handler_stops_everything_then_chains(tmp_path: Path) -> No
         signal.signal(signal.SIGUSR1, previous)
 
 
-@pytest.mark.xfail(
-    strict=False, reason="seen failing once under CI load (same_process false for the bystander); under investigation"
-)
 def test_stop_from_state_leaves_a_recycled_pid_alone(tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "60"])
     try:
+        assert wait_exec(bystander.pid, ["sleep", "60"])
         state = tmp_path / "state.json"
         start = process_start_time(bystander.pid)
         state.write_text(
