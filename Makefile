@@ -49,6 +49,9 @@ test-unit: $(STAMP) ## Unit tests only (no servers)
 bench-bus: $(STAMP) ## Event bus throughput: our adapter vs raw nats-py in the same run
 	$(PY) -m bench.bench_bus
 
+bench-context: $(STAMP) ## Context rehydration latency: cold (graph) vs cached (Valkey), same run
+	$(PY) -m bench.bench_context
+
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*
 
@@ -62,4 +65,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup protos events contracts-check lint test test-unit bench-bus infra clean distclean
+.PHONY: help setup protos events contracts-check lint test test-unit bench-bus bench-context infra clean distclean

@@ -154,6 +154,20 @@ def infra_up(
     console.print("stopped")
 
 
+@infra_app.command("down")
+def infra_down(
+    base_dir: Annotated[Path, typer.Option(help="the folder `fleet infra up` used")] = ROOT / ".fleet" / "infra",
+) -> None:
+    """Stop an infrastructure started by `fleet infra up` (e.g. in the background), by the PIDs it recorded."""
+    from services.local.infra import stop_infra
+
+    outcome = stop_infra(base_dir)
+    if not outcome:
+        console.print(f"nothing to stop: no state in {base_dir}")
+    for name, what in outcome.items():
+        console.print(f"{name}: {what}")
+
+
 # --- approve-plan ----------------------------------------------------------------------------------------------
 
 
@@ -200,7 +214,7 @@ def approve_plan(
     async def go() -> str:
         bus = await EventBus.connect(load_settings(FleetSettings), catalog.PO_UI)
         try:
-            event = catalog.make_event(payload, catalog.PO_UI, correlation_id=f"{story}:{plan}")
+            event = catalog.make_event(payload, catalog.PO_UI, correlation_id=f"{story}:{plan}"[:128])
             ack = await bus.publish(event)
             return f"published {event.event_type} {event.event_id} (stream {ack.stream}, seq {ack.seq})"
         finally:

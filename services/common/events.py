@@ -42,6 +42,25 @@ class Role(StrEnum):
             raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
 
 
+class StoryPhase(StrEnum):
+    """The phases of a story, which scope the context an agent gets. One spelling: gRPC, the graph, the prompts."""
+
+    DESIGN = "DESIGN"
+    BUILD = "BUILD"
+    TEST = "TEST"
+    DOCS = "DOCS"
+
+    @classmethod
+    def parse(cls, value: str, field: str = "phase") -> StoryPhase:
+        """The phase named by `value` (case-insensitive), or InvalidArgument naming `field`."""
+        from services.common.errors import InvalidArgument
+
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
+
+
 class DeliberationStatus(StrEnum):
     PENDING = "PENDING"
     IN_PROGRESS = "IN_PROGRESS"

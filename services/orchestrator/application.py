@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from services.common import events as ev
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.common.events import DeliberationStatus, Role
+from services.common.events import DeliberationStatus, Role, StoryPhase
 from services.deliberation.domain import (
     AgentSpec,
     Council,
@@ -33,7 +33,6 @@ from services.orchestrator.adapters.valkey import TERMINAL
 log = logging.getLogger("fleet.orchestrator")
 
 Progress = Callable[[ProgressEvent], Awaitable[None]]
-PHASES = ("DESIGN", "BUILD", "TEST", "DOCS")
 
 
 class Store(Protocol):
@@ -159,8 +158,7 @@ class Orchestrator:
         on_progress: Progress | None = None,
     ) -> DeliberationResult:
         """Run one deliberation of `task` by its role's council, recording it and publishing its events."""
-        if phase not in PHASES:
-            raise InvalidArgument("phase", f"must be one of {', '.join(PHASES)}, got {phase!r}")
+        phase = StoryPhase.parse(phase, "phase")
         council = await self.store.council(task.role)
         if council is None:
             raise FailedPrecondition(

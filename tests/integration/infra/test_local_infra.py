@@ -307,3 +307,33 @@ async def test_falkordb_serves_new_connections_after_drivers_close(tmp_path: Pat
             assert await asyncio.to_thread(new_connection_pings)
     finally:
         c.stop()
+
+
+def test_fleet_infra_down_stops_a_backgrounded_infra_up(tmp_path: Path) -> None:
+    fleet = str(Path(sys.executable).with_name("fleet"))
+    up = subprocess.Popen(
+        [fleet, "infra", "up", "--base-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if "Ctrl-C stops everything" in line:
+                break
+        else:
+            pytest.fail(f"`fleet infra up` ended early with {up.wait()}")
+        servers = {name: entry["pid"] for name, entry in read_state(tmp_path / "state.json").items()}
+        assert set(servers) == {"nats", "valkey", "falkordb"}
+        down = subprocess.run(
+            [fleet, "infra", "down", "--base-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
+        assert down.returncode == 0, down.stderr
+        assert all(f"{name}: " in down.stdout for name in servers), down.stdout
+        assert up.wait(15) == 0  # the owner got SIGTERM and shut down cleanly
+        for pid in servers.values():
+            wait_gone(pid)
+        again = subprocess.run([fleet, "infra", "down", "--base-dir", str(tmp_path)], capture_output=True, text=True)
+        assert again.returncode == 0 and "nothing to stop" in again.stdout
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

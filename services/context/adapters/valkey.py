@@ -1,0 +1,125 @@
+"""Valkey state of the context service: the per-story timeline, the last summary, the rendered-context cache.
+
+Keys (prefix `fleet:ctx:`; the story id in braces keeps a story's keys in one cluster slot):
+  {story}:milestones   hash milestone_id -> milestone JSON (the timeline; ordered by `at` when read)
+  {story}:summary      hash at, text (the newest summary wins, whatever order they arrive in)
+  {story}:gen          generation counter, bumped by every write that affects the story's context
+  {story}:cache        hash "<role>|<phase>|<subtask>|<budget>" -> {"gen": n, "ctx": RenderedContext JSON}
+  {story}:version      the story version last announced with context.updated
+
+Invalidation: `invalidate()` bumps the generation and deletes the cache hash in one transaction. A reader that
+computed from the graph before a write finished stores its entry under the generation it read first, so the
+entry is never served (its generation is old): no stale context survives a write.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import wraps
+
+import valkey.asyncio as valkey_async
+
+from services.common.errors import Unavailable
+from services.common.valkey import VALKEY_ERRORS
+from services.context.domain import Milestone, RenderedContext, Summary
+
+PREFIX = "fleet:ctx"
+
+# Set the summary only when it is at least as new as the stored one.
+_SET_SUMMARY = """
+local cur = redis.call('HGET', KEYS[1], 'at')
+if (not cur) or tonumber(cur) <= tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'at', ARGV[1], 'text', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _wrap(fn):
+    @wraps(fn)
+    async def inner(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except VALKEY_ERRORS as e:
+            raise Unavailable(f"Valkey unreachable: {e}") from e
+
+    return inner
+
+
+def _key(story_id: str, what: str) -> str:
+    return f"{PREFIX}:{{{story_id}}}:{what}"
+
+
+class ContextState:
+    def __init__(self, client: valkey_async.Valkey, cache_ttl_seconds: int = 3600) -> None:
+        self.r = client
+        self.ttl = cache_ttl_seconds
+
+    # --- timeline and summary --------------------------------------------------------------------------------
+
+    @_wrap
+    async def put_milestone(self, story_id: str, milestone: Milestone) -> None:
+        await self.r.hset(_key(story_id, "milestones"), milestone.milestone_id, json.dumps(asdict(milestone)))
+
+    @_wrap
+    async def delete_milestone(self, story_id: str, milestone_id: str) -> bool:
+        return bool(await self.r.hdel(_key(story_id, "milestones"), milestone_id))
+
+    @_wrap
+    async def set_summary(self, story_id: str, summary: Summary) -> bool:
+        return bool(await self.r.eval(_SET_SUMMARY, 1, _key(story_id, "summary"), summary.at, summary.text))
+
+    @_wrap
+    async def timeline(self, story_id: str) -> tuple[list[Milestone], Summary | None]:
+        async with self.r.pipeline(transaction=False) as p:
+            p.hgetall(_key(story_id, "milestones"))
+            p.hgetall(_key(story_id, "summary"))
+            raw_m, raw_s = await p.execute()
+        milestones = sorted((Milestone(**json.loads(v)) for v in raw_m.values()), key=lambda m: (m.at, m.milestone_id))
+        summary = Summary(raw_s.get("text", ""), int(raw_s.get("at", 0))) if raw_s else None
+        return milestones, summary
+
+    # --- rendered-context cache ----------------------------------------------------------------------------
+
+    @_wrap
+    async def cached(self, story_id: str, field: str) -> tuple[RenderedContext | None, int]:
+        """(the cached context or None, the current generation to store a fresh one under)."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.get(_key(story_id, "gen"))
+            p.hget(_key(story_id, "cache"), field)
+            gen_raw, entry = await p.execute()
+        gen = int(gen_raw or 0)
+        if entry:
+            doc = json.loads(entry)
+            if doc.get("gen") == gen:
+                return RenderedContext.from_json(doc["ctx"]), gen
+        return None, gen
+
+    @_wrap
+    async def store(self, story_id: str, field: str, gen: int, ctx: RenderedContext) -> None:
+        key = _key(story_id, "cache")
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(key, field, json.dumps({"gen": gen, "ctx": ctx.to_json()}))
+            p.expire(key, self.ttl)
+            await p.execute()
+
+    @_wrap
+    async def invalidate(self, story_id: str) -> int:
+        """Make every cached context of the story stale; returns the new generation."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.incr(_key(story_id, "gen"))
+            p.delete(_key(story_id, "cache"))
+            gen, _ = await p.execute()
+        return int(gen)
+
+    # --- announced version ----------------------------------------------------------------------------------
+
+    @_wrap
+    async def announced_version(self, story_id: str) -> str:
+        return await self.r.get(_key(story_id, "version")) or ""
+
+    @_wrap
+    async def set_announced_version(self, story_id: str, version: str) -> None:
+        await self.r.set(_key(story_id, "version"), version)
