@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -43,12 +42,6 @@ async def valkey_url(infra: object) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def graph_name() -> str:
-    """A graph (database) of its own for each test on the session FalkorDB."""
-    return f"g_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
 def settings(nats_url: str, valkey_url: str) -> FleetSettings:
     """Fast delivery policy so retry and dead-letter paths run in a second."""
     return FleetSettings(
@@ -59,6 +52,72 @@ def settings(nats_url: str, valkey_url: str) -> FleetSettings:
         consumer_backoff_seconds=[0.1, 0.2],
         metrics_port=0,
     )
+
+
+@pytest.fixture
+async def bus(settings: FleetSettings) -> AsyncIterator[object]:
+    """A bus of the test itself (publishing as another service would), with every stream of the catalog provisioned."""
+    from services.common.bus import EventBus, provision_streams
+
+    bus = await EventBus.connect(settings, "test")
+    await provision_streams(bus.js, settings)
+    yield bus
+    await bus.close()
+
+
+@pytest.fixture(scope="session")
+def bolt_uri(infra: object) -> str:
+    """The session FalkorDB's Bolt URI, after absorbing any connection a GOODBYE elsewhere left stalled.
+
+    FalkorDB's Bolt port puts every query in one graph whatever database is named: tests keep apart by ids."""
+    from services.local.infra import unstick_falkordb_bolt
+
+    unstick_falkordb_bolt(infra.bolt_uri)  # type: ignore[attr-defined]
+    return infra.bolt_uri  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def ctx_settings(settings: FleetSettings, bolt_uri: str) -> object:
+    """Settings of a context service on the session FalkorDB (port 0: a free one)."""
+    from services.context.settings import ContextSettings
+
+    return ContextSettings(
+        **settings.model_dump(),
+        grpc_port=0,
+        neo4j_uri=bolt_uri,
+        neo4j_user="falkordb",
+        neo4j_password="",
+        graph_connect_timeout_seconds=2.0,
+        graph_query_timeout_seconds=10.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def llm_server() -> Iterator[object]:
+    """A loopback OpenAI-compatible server (20 ms per answer), steerable through its /control endpoint."""
+    from services.local.openai_server import start_openai_server
+
+    server = start_openai_server(delay_ms=20)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real vLLM (CPU) server with `qwen3-tiny`, served as `Qwen/Qwen3-0.6B` (the production request shape).
+
+    Needs `make llm` (or `fleet llm setup`) once; CI runs it before the tests (`make test` does). Without it the
+    fixture fails with that instruction instead of skipping: a silently skipped LLM suite proves nothing.
+    Starting takes ~35-55 s, so one server serves the whole session; `.url` / `.model` / `.env()` to connect.
+    """
+    from services.local.vllm import VLLMNotInstalled, start_vllm
+
+    try:
+        server = start_vllm("qwen3-tiny", tmp_path_factory.mktemp("vllm"))
+    except VLLMNotInstalled as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

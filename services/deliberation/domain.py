@@ -488,6 +488,7 @@ class DeliberationResult:
     context_version: str = ""
     executor: str = ""  # which executor ran the agent calls (set by the caller)
     story_id: str = ""
+    context_note: str = ""  # why there was no context, when there was none (set by the caller)
 
     @classmethod
     def pending(cls, deliberation_id: str, task: Task, council_id: str, executor: str = "") -> DeliberationResult:

@@ -172,10 +172,13 @@ class Orchestrator:
         deliberation_id = deliberation_id or ev.new_id("delib")
         cid = correlation_id or deliberation_id
 
-        task = await self._with_context(task, phase)
+        task, context_note = await self._with_context(task, phase)
         if not await self.store.take_lease(deliberation_id, self.instance_id, self.LEASE_SECONDS):
             raise AlreadyExists(f"deliberation {deliberation_id} is already running")
-        pending = DeliberationResult.pending(deliberation_id, task, council.council_id, self.runner.name)
+        pending = replace(
+            DeliberationResult.pending(deliberation_id, task, council.council_id, self.runner.name),
+            context_note=context_note,
+        )
         await self.store.save(pending)
         await self.publish(
             ev.TaskDispatched(
@@ -214,7 +217,13 @@ class Orchestrator:
             )
         finally:
             keep_lease.cancel()
-        result = replace(result, executor=self.runner.name, story_id=task.story_id)
+        result = replace(
+            result,
+            executor=self.runner.name,
+            story_id=task.story_id,
+            context_version=task.context_version,
+            context_note=context_note,
+        )
         await self.store.save(result)
         await self.store.drop_lease(deliberation_id)
         await self.publish(_outcome_event(result, plan_id), cid)
@@ -236,15 +245,19 @@ class Orchestrator:
         authors = {a.agent_id for a in council.agents}
         return next((a for a in architects.agents if a.agent_id not in authors), architects.agents[0])
 
-    async def _with_context(self, task: Task, phase: str) -> Task:
-        if not task.story_id or self.context is None:
-            return task
+    async def _with_context(self, task: Task, phase: str) -> tuple[Task, str]:
+        """The task with its story's context for the role and phase, or the task alone and a note saying why."""
+        if not task.story_id:
+            return task, "no story: deliberated on the task alone"
+        if self.context is None:
+            return task, "no context service configured (CONTEXT_ADDRESS): deliberated on the task alone"
         try:
             ctx = await self.context.get_context(task.story_id, task.role, phase, self.context_token_budget)
         except Exception as e:
-            log.warning("context for story %s unavailable, deliberating on the task alone: %s", task.story_id, e)
-            return replace(task, context_version="")
-        return replace(task, context=ctx.text, context_version=ctx.version)
+            note = f"context for story {task.story_id} unavailable ({e}): deliberated on the task alone"
+            log.warning("%s", note)
+            return replace(task, context="", context_version=""), note
+        return replace(task, context=ctx.text, context_version=ctx.version), ""
 
     async def _keep_lease(self, deliberation_id: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):

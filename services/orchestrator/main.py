@@ -20,6 +20,7 @@ from services.common.metrics import start_metrics_server
 from services.common.settings import load_settings
 from services.common.valkey import SeenSet, connect_valkey, ping
 from services.deliberation.engine import DeliberationEngine, InProcessExecutor, ObservedExecutor
+from services.orchestrator.adapters.context_client import ContextClient
 from services.orchestrator.adapters.grpc_api import OrchestratorServicer
 from services.orchestrator.adapters.valkey import ValkeyStore
 from services.orchestrator.application import Orchestrator
@@ -66,6 +67,8 @@ class RunningOrchestrator:
         await self.bus.close()
         await self.llm.aclose()
         await self.valkey.aclose()  # type: ignore[attr-defined]
+        if self.app.context is not None:
+            await self.app.context.close()  # type: ignore[attr-defined]
 
 
 async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> RunningOrchestrator:
@@ -83,11 +86,13 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
     async def publish(payload: ev.Payload, cid: str) -> None:
         await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid))
 
+    context = ContextClient(settings.context_address) if settings.context_address else None
     app = Orchestrator(
         ValkeyStore(valkey),
         InProcessRunner(llm, bus),
         publish,
         instance_id=f"{socket.gethostname()}:{os.getpid()}",
+        context=context,
         context_token_budget=settings.context_token_budget,
         default_num_agents=settings.default_num_agents,
     )
@@ -111,7 +116,11 @@ async def _serve(settings: OrchestratorSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "orchestrator ready on :%d (executor %s, vLLM %s)", running.port, running.app.runner.name, settings.vllm_url
+        "orchestrator ready on :%d (executor %s, vLLM %s, context %s)",
+        running.port,
+        running.app.runner.name,
+        settings.vllm_url,
+        settings.context_address or "none",
     )
     await stop.wait()
     log.info("shutting down")

@@ -146,6 +146,7 @@ def result_fields(r: DeliberationResult) -> dict[str, Any]:
         "failures": [dpb.AgentFailure(agent_id=f.agent_id, phase=str(f.phase), error=f.error) for f in r.failures],
         "error_message": r.error_message,
         "context_version": r.context_version,
+        "context_note": r.context_note,
         "total_tokens": r.total_tokens,
         "executor": r.executor,
         "story_id": r.story_id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -103,25 +105,25 @@ async def test_ok_path(channel):
     assert reply.version == "v1"
 
 
-async def test_graph_through_the_neo4j_driver_over_bolt(infra, graph_name):
+async def test_graph_through_the_neo4j_driver_over_bolt(bolt_uri):
     """The official neo4j driver (async) talks to FalkorDB's Bolt port: MERGE is idempotent."""
     from neo4j import AsyncGraphDatabase
 
-    driver = AsyncGraphDatabase.driver(infra.bolt_uri, auth=("falkordb", ""))
+    story, plan = f"S-{uuid.uuid4().hex[:8]}", f"P-{uuid.uuid4().hex[:8]}"
+    driver = AsyncGraphDatabase.driver(bolt_uri, auth=("falkordb", ""))
     try:
         for _ in range(2):
             await driver.execute_query(
                 "MERGE (s:Story {id: $id}) ON CREATE SET s.title = $title "
                 "MERGE (p:Plan {id: $plan}) MERGE (s)-[:HAS_PLAN]->(p)",
-                id="S-1",
+                id=story,
                 title="t",
-                plan="P-1",
-                database_=graph_name,
+                plan=plan,
             )
         records, _, _ = await driver.execute_query(
-            "MATCH (s:Story)-[:HAS_PLAN]->(p:Plan) RETURN s.id AS story, p.id AS plan, count(*) AS n",
-            database_=graph_name,
+            "MATCH (s:Story {id: $id})-[:HAS_PLAN]->(p:Plan) RETURN s.id AS story, p.id AS plan, count(*) AS n",
+            id=story,
         )
-        assert [dict(r) for r in records] == [{"story": "S-1", "plan": "P-1", "n": 1}]
+        assert [dict(r) for r in records] == [{"story": story, "plan": plan, "n": 1}]
     finally:
         await driver.close()

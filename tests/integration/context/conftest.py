@@ -11,40 +11,9 @@ import pytest
 
 from fleet.context.v1 import context_pb2_grpc
 from services.common import events as ev
-from services.common.bus import EventBus, provision_streams
+from services.common.bus import EventBus
 from services.context.adapters.graph import GraphStore
 from services.context.main import start
-from services.context.settings import ContextSettings
-
-
-@pytest.fixture(scope="session")
-def bolt_uri(infra) -> str:
-    """The session FalkorDB's Bolt URI, after absorbing any connection a GOODBYE elsewhere left stalled."""
-    from services.local.infra import unstick_falkordb_bolt
-
-    unstick_falkordb_bolt(infra.bolt_uri)
-    return infra.bolt_uri
-
-
-@pytest.fixture
-def ctx_settings(settings, bolt_uri) -> ContextSettings:
-    return ContextSettings(
-        **settings.model_dump(),
-        grpc_port=0,
-        neo4j_uri=bolt_uri,
-        neo4j_user="falkordb",
-        neo4j_password="",
-        graph_connect_timeout_seconds=2.0,
-        graph_query_timeout_seconds=10.0,
-    )
-
-
-@pytest.fixture
-async def bus(settings):
-    bus = await EventBus.connect(settings, "test")
-    await provision_streams(bus.js, settings)
-    yield bus
-    await bus.close()
 
 
 @pytest.fixture

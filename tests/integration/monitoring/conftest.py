@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from services.common import events as ev
-from services.common.bus import EventBus, provision_streams
-from services.common.settings import FleetSettings
+from services.common.bus import EventBus
 from services.monitoring.main import RunningMonitoring, start
 from services.monitoring.settings import MonitoringSettings
 
@@ -42,16 +41,6 @@ def monitoring_settings(nats_url: str, **over: Any) -> MonitoringSettings:
     }
     values.update(over)
     return MonitoringSettings(**values)
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[EventBus]:
-    """A bus of the test itself (as another service would publish), with every stream provisioned."""
-    settings = FleetSettings(nats_url=nats_url, metrics_port=0)
-    bus = await EventBus.connect(settings, "test")
-    await provision_streams(bus.js, settings)
-    yield bus
-    await bus.close()
 
 
 @pytest.fixture

@@ -6,18 +6,8 @@ import grpc
 import pytest
 
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
-from services.common.bus import EventBus, provision_streams
 from services.orchestrator.main import start
 from services.orchestrator.settings import OrchestratorSettings
-
-
-@pytest.fixture(scope="session")
-def llm_server():
-    from services.local.openai_server import start_openai_server
-
-    server = start_openai_server(delay_ms=20)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -31,14 +21,6 @@ def orch_settings(settings, llm_server) -> OrchestratorSettings:
         vllm_timeout_seconds=10,
         deliberation_timeout_seconds=60,
     )
-
-
-@pytest.fixture
-async def bus(settings):
-    bus = await EventBus.connect(settings, "test")
-    await provision_streams(bus.js, settings)
-    yield bus
-    await bus.close()
 
 
 @pytest.fixture

@@ -219,7 +219,7 @@ class AgentFailure(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeliberationResult(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class DeliberationResult(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[RankedProposal]
@@ -256,7 +257,8 @@ class DeliberationResult(_message.Message):
     total_tokens: int
     executor: str
     story_id: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ...) -> None: ...
+    context_note: str
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail")

@@ -28,7 +28,7 @@ class DeliberateRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., rounds: _Optional[int] = ..., num_agents: _Optional[int] = ..., story_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class DeliberateResponse(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class DeliberateResponse(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: _deliberation_pb2.DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.RankedProposal]
@@ -65,7 +66,8 @@ class DeliberateResponse(_message.Message):
     total_tokens: int
     executor: str
     story_id: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ...) -> None: ...
+    context_note: str
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
 
 class StreamDeliberationRequest(_message.Message):
     __slots__ = ("deliberation",)
@@ -88,7 +90,7 @@ class GetDeliberationResultRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class GetDeliberationResultResponse(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,7 @@ class GetDeliberationResultResponse(_message.Message):
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: _deliberation_pb2.DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.RankedProposal]
@@ -125,7 +128,8 @@ class GetDeliberationResultResponse(_message.Message):
     total_tokens: int
     executor: str
     story_id: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ...) -> None: ...
+    context_note: str
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
 
 class Council(_message.Message):
     __slots__ = ("council_id", "role", "num_agents", "agents")
