@@ -253,7 +253,6 @@ class _Run:
     system: str
     keys: list[str]
     phase: Phase | None = None
-    detail: str = ""
     proposals: dict[str, Proposal] = field(default_factory=dict)  # author id -> proposal, council order
     critiques: list[Critique] = field(default_factory=list)
     checks: dict[str, tuple[CheckResult, ...]] = field(default_factory=dict)  # proposal id -> checks
@@ -283,6 +282,13 @@ class _Run:
             enable_thinking=False,
             **kw,
         )
+
+
+@dataclass
+class _Note:
+    """What a phase reports when it ends (its progress event's detail)."""
+
+    detail: str = ""
 
 
 class DeliberationEngine:
@@ -338,7 +344,7 @@ class DeliberationEngine:
             selection=r.selection,
             winner_id=r.selection.winner_id if r.selection else "",
             usage=_merge_usage(r.usage),
-            phase_durations_ms={p: round(ms, 3) for p, ms in r.durations.items()},
+            phase_durations_ms={p: round(r.durations[p], 3) for p in Phase if p in r.durations},
             failures=tuple(r.failures),
             started_at=started_at,
             finished_at=datetime.now(UTC),
@@ -356,13 +362,22 @@ class DeliberationEngine:
         await self._generate(r)
         for round_ in range(1, r.task.constraints.rounds + 1):
             await self._review(r, round_)
-        await self._check(r)
-        await self._score(r)
+        # The checks call no LLM and peers score without them: they run while the peers score (the ARCHITECT's
+        # selection is the first to need them), so they stay off the deliberation's critical path.
+        checking = asyncio.ensure_future(self._check(r))
+        try:
+            await self._score(r)
+        except BaseException:
+            checking.cancel()
+            with contextlib.suppress(BaseException):
+                await checking
+            raise
+        await checking
         r.ranked = self._rank(r)
         await self._select(r)
 
     async def _generate(self, r: _Run) -> None:
-        async with self._phase(r, Phase.GENERATE):
+        async with self._phase(r, Phase.GENERATE) as note:
             calls = []
             for a in r.agents:
                 rid = call_id(r.deliberation_id, Phase.GENERATE, 0, a.agent_id)
@@ -376,7 +391,7 @@ class DeliberationEngine:
                     content=content,
                     revisions=(Revision(0, content, "original proposal"),),
                 )
-            r.detail = f"{len(r.proposals)}/{len(r.agents)} agents proposed"
+            note.detail = f"{len(r.proposals)}/{len(r.agents)} agents proposed"
         if not r.proposals:
             first = r.failures[0].error if r.failures else "no answer"
             raise _Stop(f"all {len(r.agents)} agents failed in GENERATE: {first}")
@@ -386,8 +401,8 @@ class DeliberationEngine:
         offset = 1, 2, ... n-1 cycling by round, so a critic is never the author and rounds change critics."""
         n = len(r.agents)
         if n < 2:
-            async with self._phase(r, Phase.CRITIQUE):
-                r.detail = "skipped: a council of one agent has no peer to review its proposal"
+            async with self._phase(r, Phase.CRITIQUE) as note:
+                note.detail = "skipped: a council of one agent has no peer to review its proposal"
             return
         offset = (round_ - 1) % (n - 1) + 1
         targets: dict[str, tuple[AgentSpec, Proposal]] = {}  # request id -> (critic, proposal)
@@ -402,7 +417,7 @@ class DeliberationEngine:
             request = r.request(critic, rid, messages, SCHEMA_CRITIQUE, json_schema=critique_schema())
             calls.append(self._call(r, critic, Phase.CRITIQUE, rid, request))
             targets[rid] = (critic, proposal)
-        async with self._phase(r, Phase.CRITIQUE):
+        async with self._phase(r, Phase.CRITIQUE) as note:
             answered = await self._fan_out(r, Phase.CRITIQUE, calls, lambda _, text: parse_critique(text))
             new: list[Critique] = []
             for call, answer in answered:
@@ -419,7 +434,7 @@ class DeliberationEngine:
                     )
                 )
             r.critiques.extend(new)
-            r.detail = f"round {round_}: {len(new)}/{len(calls)} proposals reviewed"
+            note.detail = f"round {round_}: {len(new)}/{len(calls)} proposals reviewed"
         await self._revise(r, round_, new)
 
     async def _revise(self, r: _Run, round_: int, critiques: list[Critique]) -> None:
@@ -431,7 +446,7 @@ class DeliberationEngine:
             messages = revise_messages(r.system, r.task, author, proposal.content, c.verdict, c.summary, c.issues)
             calls.append(self._call(r, author, Phase.REVISE, rid, r.request(author, rid, messages, SCHEMA_REVISION)))
             by_request[rid] = c
-        async with self._phase(r, Phase.REVISE):
+        async with self._phase(r, Phase.REVISE) as note:
             revised = await self._fan_out(r, Phase.REVISE, calls, lambda _, text: _free_text(text))
             for call, content in revised:
                 c = by_request[call.request_id]
@@ -444,10 +459,10 @@ class DeliberationEngine:
                     content,
                     (*p.revisions, Revision(len(p.revisions), content, reason)),
                 )
-            r.detail = f"round {round_}: {len(revised)}/{len(calls)} proposals revised"
+            note.detail = f"round {round_}: {len(revised)}/{len(calls)} proposals revised"
 
     async def _check(self, r: _Run) -> None:
-        async with self._phase(r, Phase.CHECK):
+        async with self._phase(r, Phase.CHECK) as note:
             proposals = list(r.proposals.values())
             requirements = r.task.constraints.requirements
             results = await asyncio.gather(*(asyncio.to_thread(run_checks, p.content, requirements) for p in proposals))
@@ -458,7 +473,7 @@ class DeliberationEngine:
                 await self._emit(
                     r, Phase.CHECK, "agent_completed", p.author_id, f"{passed}/{len(applicable)} checks passed"
                 )
-            r.detail = f"checked {len(proposals)} proposals"
+            note.detail = f"checked {len(proposals)} proposals"
 
     async def _score(self, r: _Run) -> None:
         """Each agent scores every proposal but its own, in one call. Voter i sees the proposals in council order
@@ -487,9 +502,9 @@ class DeliberationEngine:
             )
             calls.append(self._call(r, voter, Phase.SCORE, rid, request))
             shown[rid] = dict(zip(labs, candidates, strict=True))
-        async with self._phase(r, Phase.SCORE):
+        async with self._phase(r, Phase.SCORE) as note:
             if not calls:
-                r.detail = "skipped: no agent has a peer's proposal to score"
+                note.detail = "skipped: no agent has a peer's proposal to score"
                 return
             names = dict(zip(r.keys, (c.name for c in rubric), strict=True))
             answered = await self._fan_out(
@@ -507,10 +522,10 @@ class DeliberationEngine:
                             reason=a.reason,
                         )
                     )
-            r.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes"
+            note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes"
 
     async def _select(self, r: _Run) -> None:
-        async with self._phase(r, Phase.SELECT):
+        async with self._phase(r, Phase.SELECT) as note:
             top = r.ranked[: r.task.constraints.top_k]
             architect = r.architect
             if architect is None:
@@ -538,7 +553,7 @@ class DeliberationEngine:
                 else:
                     why = r.failures[-1].error if len(r.failures) > failures_before else "no answer"
                     r.selection = self._fallback(r, f"the architect {architect.agent_id} failed: {why}")
-            r.detail = f"{r.selection.method}: {r.selection.winner_id}"
+            note.detail = f"{r.selection.method}: {r.selection.winner_id}"
 
     # -- helpers
 
@@ -599,15 +614,15 @@ class DeliberationEngine:
         await self._emit(r, phase, "agent_failed", agent_id, error)
 
     @contextlib.asynccontextmanager
-    async def _phase(self, r: _Run, phase: Phase) -> AsyncIterator[None]:
-        r.phase, r.detail = phase, ""
+    async def _phase(self, r: _Run, phase: Phase) -> AsyncIterator[_Note]:
+        r.phase, note = phase, _Note()
         await self._emit(r, phase, "phase_started")
         start = self.clock()
         try:
-            yield
+            yield note
         finally:
             r.durations[phase] = r.durations.get(phase, 0.0) + (self.clock() - start) * 1000
-        await self._emit(r, phase, "phase_completed", detail=r.detail)
+        await self._emit(r, phase, "phase_completed", detail=note.detail)
         budget = r.task.constraints.token_budget
         if budget and r.tokens > budget:
             raise _Stop(f"token budget of {budget} exceeded after the {phase} phase ({r.tokens} tokens used)")

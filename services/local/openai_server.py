@@ -798,7 +798,9 @@ class _Server(uvicorn.Server):
 
 
 async def serve(host: str, port: int, app: FastAPI) -> None:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP (accepted ones inherit it);
+    # without it every keep-alive response waits ~40 ms for the peer's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, lifespan="off")

@@ -52,7 +52,9 @@ class RunningMonitoring:
 
 async def start(settings: MonitoringSettings, *, host: str = "127.0.0.1", port: int | None = None) -> RunningMonitoring:
     """Serve in the running event loop; port 0 (or MONITORING_PORT=0) takes a free one. Returns once listening."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP (accepted ones inherit it);
+    # without it every keep-alive response waits ~40 ms for the peer's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, settings.monitoring_port if port is None else port))
     app = create_app(settings)

@@ -70,7 +70,9 @@ async def test_a_full_deliberation_completes_with_everything_recorded(llm, task,
     assert len({(u.agent_id, u.phase) for u in result.usage}) == len(result.usage) == 13
 
     started = [e.phase for e in events if e.kind == "phase_started"]
-    assert started == ALL_PHASES
+    completed = [e.phase for e in events if e.kind == "phase_completed"]
+    assert started[:3] == completed[:3] == ALL_PHASES[:3] and started[-1] == completed[-1] == Phase.SELECT
+    assert set(started[3:5]) == set(completed[3:5]) == {Phase.CHECK, Phase.SCORE}  # the checks run while peers score
     assert events[0].kind == "deliberation_started" and events[-1].kind == "deliberation_completed"
     assert sum(e.kind == "agent_completed" and e.phase == Phase.GENERATE for e in events) == 3
     assert all(e.deliberation_id == "d1" and e.task_id == "T-1" and e.role == Role.DEV for e in events)
@@ -412,3 +414,19 @@ async def test_against_the_loopback_openai_server(task, council, architect):
             assert result.selection is not None and result.selection.method == "ARCHITECT"
             assert result.total_tokens > 0
             assert Counter(c.critic_id != c.author_id for c in result.critiques) == Counter({True: 3})
+
+
+async def test_checks_run_while_the_peers_score(council, architect, monkeypatch):
+    import services.deliberation.engine as engine_module
+
+    def slow_checks(content, requirements):
+        time.sleep(0.3)
+        return []
+
+    monkeypatch.setattr(engine_module, "run_checks", slow_checks)
+    t0 = time.perf_counter()
+    result = await deliberate(ScriptedLLM(delay=0.3), make_task(), council, architect)
+    wall = time.perf_counter() - t0
+    assert result.status == DeliberationStatus.COMPLETED
+    assert result.phase_durations_ms[Phase.CHECK] >= 280 and result.phase_durations_ms[Phase.SCORE] >= 280
+    assert wall < 5 * 0.3 + 0.25, wall  # five LLM phases; the checks' 0.3 s hidden under SCORE's
