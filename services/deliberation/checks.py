@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -149,6 +150,16 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+_AST_LOCK = threading.Lock()
+
+
+def parse_python(code: str) -> ast.Module:
+    """`ast.parse`, one thread at a time: CPython 3.11's parser keeps its recursion depth in shared state, and
+    concurrent parses from threads fail with "SystemError: AST constructor recursion depth mismatch"."""
+    with _AST_LOCK:
+        return ast.parse(code)
+
+
 def check_python_syntax(blocks: Sequence[CodeBlock]) -> CheckResult:
     python = [b for b in blocks if b.language == "python"]
     if not python:
@@ -156,7 +167,7 @@ def check_python_syntax(blocks: Sequence[CodeBlock]) -> CheckResult:
     findings = []
     for b in python:
         try:
-            ast.parse(b.code)
+            parse_python(b.code)
         except SyntaxError as e:
             findings.append(Finding(f"syntax error: {e.msg}", "error", e.lineno, b.index))
     return _result("python.syntax", findings, f"parsed {_plural(len(python), 'python block')} with ast")
@@ -201,7 +212,7 @@ def check_python_lint(blocks: Sequence[CodeBlock]) -> CheckResult:
     parsable = []
     for b in python:
         try:
-            ast.parse(b.code)
+            parse_python(b.code)
             parsable.append(b)
         except SyntaxError:
             pass  # python.syntax reports it

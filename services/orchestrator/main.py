@@ -22,6 +22,7 @@ from services.common.valkey import SeenSet, connect_valkey, ping
 from services.deliberation.engine import DeliberationEngine, InProcessExecutor, ObservedExecutor
 from services.orchestrator.adapters.context_client import ContextClient
 from services.orchestrator.adapters.grpc_api import OrchestratorServicer
+from services.orchestrator.adapters.ray_runner import RayExecutorRunner
 from services.orchestrator.adapters.valkey import ValkeyStore
 from services.orchestrator.application import Orchestrator
 from services.orchestrator.settings import OrchestratorSettings
@@ -57,12 +58,17 @@ class RunningOrchestrator:
     llm: VLLMClient
     consumer: object
     valkey: object
+    stopped: bool = False
 
     @property
     def port(self) -> int:
         return self.server.port
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving and close every connection (a second call does nothing)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.server.stop(grace)
         await self.bus.close()
         await self.llm.aclose()
@@ -89,7 +95,9 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
     context = ContextClient(settings.context_address) if settings.context_address else None
     app = Orchestrator(
         ValkeyStore(valkey),
-        InProcessRunner(llm, bus),
+        RayExecutorRunner(settings.ray_executor_address, bus)
+        if settings.executor == "ray"
+        else InProcessRunner(llm, bus),
         publish,
         instance_id=f"{socket.gethostname()}:{os.getpid()}",
         context=context,

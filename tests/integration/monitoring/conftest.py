@@ -1,6 +1,7 @@
 """The monitoring service served in-process (uvicorn on a free port) against a real NATS JetStream.
 
-The orchestrator is not running in these tests unless a test starts one: ORCHESTRATOR_ADDRESS points at a free
+The orchestrator is not running in these tests unless a test starts one (`orchestrator_on`: the real service,
+on the test's NATS and Valkey, with the loopback LLM server): until then ORCHESTRATOR_ADDRESS points at a free
 loopback port, so the degraded path ("orchestrator unavailable at host:port") is what the page shows.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,14 +17,12 @@ import pytest
 
 from services.common import events as ev
 from services.common.bus import EventBus
+from services.local.processes import free_port
 from services.monitoring.main import RunningMonitoring, start
 from services.monitoring.settings import MonitoringSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.orchestrator.main import RunningOrchestrator
+from services.orchestrator.main import start as start_orchestrator
+from services.orchestrator.settings import OrchestratorSettings
 
 
 def monitoring_settings(nats_url: str, **over: Any) -> MonitoringSettings:
@@ -48,6 +46,27 @@ async def monitoring(nats_url: str, bus: EventBus) -> AsyncIterator[RunningMonit
     running = await start(monitoring_settings(nats_url), port=0)
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def orchestrator_on(settings, llm_server) -> AsyncIterator[Any]:
+    """Starts the real orchestrator on a given port (the one the dashboard was told), with the five councils."""
+    started: list[RunningOrchestrator] = []
+
+    async def start_on(port: int) -> RunningOrchestrator:
+        values = {**settings.model_dump(), "grpc_port": port, "vllm_url": llm_server.url, "vllm_model": "test-model"}
+        running = await start_orchestrator(OrchestratorSettings(**values), host="127.0.0.1")
+        started.append(running)
+        await running.app.ensure_councils(3)
+        return running
+
+    yield start_on
+    for running in started:
+        await running.stop(0)
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
 @pytest.fixture

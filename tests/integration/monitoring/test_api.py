@@ -9,10 +9,10 @@ import pytest
 
 from services.common import events as ev
 from services.common.bus import EventBus, provision_streams
+from services.deliberation.domain import Task
 from services.monitoring.main import RunningMonitoring, start
 
-from .conftest import SSEReader, approval_payload, eventually, monitoring_settings, wait_ready
-from .stand_in import start_stand_in
+from .conftest import SSEReader, approval_payload, eventually, monitoring_settings, port_of, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -258,27 +258,36 @@ async def test_a_slow_client_is_dropped_without_slowing_the_feed(nats_url: str, 
 
 
 async def test_orchestrator_is_read_when_it_comes_back_and_missed_when_it_goes(
-    client: httpx.AsyncClient, monitoring: RunningMonitoring
+    client: httpx.AsyncClient, monitoring: RunningMonitoring, orchestrator_on
 ):
     address = monitoring.monitoring.settings.orchestrator_address
     assert (await client.get("/api/councils")).status_code == 503
-    server = await start_stand_in(int(address.rsplit(":", 1)[1]))
+    orchestrator = await orchestrator_on(port_of(address))
     try:
         councils = await eventually(lambda: _ok_json(client, "/api/councils"), timeout=10)
         dev = next(c for c in councils["councils"] if c["role"] == "DEV")
-        assert dev["council_id"] == "council-dev" and dev["agents"][0]["agent_id"] == "agent-dev-001"
+        assert dev["council_id"] == "council-dev" and [a["agent_id"] for a in dev["agents"]] == [
+            "agent-dev-001",
+            "agent-dev-002",
+            "agent-dev-003",
+        ]
+        task = Task.create("T-1", "Write a Python function that parses ISO dates.", "DEV", rounds=1)
+        ran = await orchestrator.app.deliberate(task)
         result = (await client.get("/api/deliberations/T-1")).json()
-        assert result["status"] == "COMPLETED" and result["selection"]["method"] == "ARCHITECT"
-        assert result["results"][0]["proposal"]["revisions"][1]["reason"].startswith("peer:")
-        assert result["results"][0]["votes"][0]["scores"] == {"correctness": 9, "clarity": 8}
+        assert result["status"] == "COMPLETED" and result["deliberation_id"] == ran.deliberation_id
+        assert result["winner_id"] == ran.winner_id and result["selection"]["method"] in ("ARCHITECT", "FALLBACK")
+        assert [r["proposal"]["author_id"] for r in result["results"]] == [r.proposal.author_id for r in ran.results]
+        assert len(result["results"][0]["proposal"]["revisions"]) == 2  # the original and the revision
+        rubric = {c.name for c in task.constraints.rubric}
+        assert all(set(v["scores"]) == rubric for r in result["results"] for v in r["votes"])
         missing = await client.get("/api/deliberations/missing-1")
         assert missing.status_code == 404 and "missing-1" in missing.json()["detail"]
         status = (await client.get("/api/orchestrator/status")).json()
-        assert status["stats"]["deliberations_by_status"] == {"COMPLETED": 2, "FAILED": 1}
+        assert status["stats"]["deliberations_by_status"] == {"COMPLETED": 1}
         deps = await eventually(lambda: _orchestrator_ok(client, True))
         assert deps["detail"] == "serving"
     finally:
-        await server.stop(0)
+        await orchestrator.stop(0)
     assert (await client.get("/api/councils")).status_code == 503
     await eventually(lambda: _orchestrator_ok(client, False))
 

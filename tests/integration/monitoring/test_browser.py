@@ -5,6 +5,7 @@ Screenshots go to the `artifacts` folder (test-artifacts/monitoring-*.png).
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 
 from services.common import events as ev
 from services.common.bus import EventBus
+from services.deliberation.domain import Task
 from services.monitoring.main import RunningMonitoring
 
-from .stand_in import start_stand_in
+from .conftest import port_of
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -69,20 +71,9 @@ async def open_tab(page, tab: str) -> None:
     await expect(page.locator(f"#tab-{tab}")).to_be_visible()
 
 
-async def publish_deliberation(bus: EventBus, story: str, task: str, deliberation: str) -> None:
-    """What the orchestrator publishes for one task and role, from dispatch to the winner."""
-    pub = [
-        ev.TaskDispatched(task_id=task, role=ev.Role.DEV, deliberation_id=deliberation, story_id=story, plan_id="P-1"),
-        ev.DeliberationStarted(
-            deliberation_id=deliberation,
-            task_id=task,
-            role=ev.Role.DEV,
-            council_id="council-dev",
-            story_id=story,
-            num_agents=3,
-        ),
-    ]
-    for agent in ("agent-dev-001", "agent-dev-002"):
+async def publish_tokens(bus: EventBus, deliberation: str, agents: tuple[str, ...]) -> None:
+    """Token chunks as the ray-executor streams them (start, tokens, end) for agents of a deliberation."""
+    for agent in agents:
         for seq, (kind, text) in enumerate(
             [
                 ("start", ""),
@@ -91,46 +82,18 @@ async def publish_deliberation(bus: EventBus, story: str, task: str, deliberatio
                 ("end", ""),
             ]
         ):
-            pub.append(
-                ev.TokenChunk(
-                    deliberation_id=deliberation, agent_id=agent, phase="GENERATE", kind=kind, seq=seq, text=text
-                )
+            chunk = ev.TokenChunk(
+                deliberation_id=deliberation, agent_id=agent, phase="GENERATE", kind=kind, seq=seq, text=text
             )
-        pub.append(
-            ev.AgentResponseCompleted(
-                request_id=f"r-{agent}",
-                deliberation_id=deliberation,
-                agent_id=agent,
-                phase="GENERATE",
-                content="...",
-                completion_tokens=40,
-                latency_ms=900,
-            )
-        )
-    pub.append(
-        ev.DeliberationCompleted(
-            deliberation_id=deliberation,
-            task_id=task,
-            role=ev.Role.DEV,
-            story_id=story,
-            plan_id="P-1",
-            winner_id="agent-dev-001",
-            winner_proposal_id="prop-1",
-            winner_content="Use a token bucket per client.",
-            winner_score=8.6,
-            selection_method="ARCHITECT",
-            rationale="The token bucket bounds bursts and shares state across replicas.",
-            checks_passed=3,
-            duration_ms=41250,
-        )
-    )
-    for payload in pub:
-        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=f"{story}:P-1"))
+            await bus.publish(ev.make_event(chunk, ev.RAY_EXECUTOR))
 
 
-async def test_approve_a_plan_and_watch_it_live(page, bus: EventBus, artifacts: Path):
+async def test_approve_a_plan_and_watch_it_live(
+    page, bus: EventBus, monitoring: RunningMonitoring, orchestrator_on, artifacts: Path
+):
     from playwright.async_api import expect
 
+    await orchestrator_on(port_of(monitoring.monitoring.settings.orchestrator_address))
     await open_tab(page, "approve")
     await page.fill("#f-story", "S-42")
     await page.fill("#f-plan", "P-1")
@@ -149,32 +112,36 @@ async def test_approve_a_plan_and_watch_it_live(page, bus: EventBus, artifacts: 
         "plan P-1 of story S-42 approved by po@example.com (DEV, QA, 1 task(s))", timeout=WAIT_MS
     )
 
-    # The orchestrator's events for that story appear on the same page as they are published.
-    await publish_deliberation(bus, "S-42", "T-1", "delib-t1-dev")
-    card = page.locator('#progress-deliberations .card.delib[data-deliberation="delib-t1-dev"]')
-    await expect(card).to_contain_text("COMPLETED", timeout=WAIT_MS)
-    await expect(card).to_contain_text("Winner agent-dev-001 (score 8.60, ARCHITECT)")
-    await expect(card).to_contain_text("agent-dev-002 ✓")
+    # The real orchestrator deliberates on the approval (DEV on T-1, QA on the plan); both appear live.
+    cards = page.locator("#progress-deliberations .card.delib")
+    await expect(cards).to_have_count(2, timeout=WAIT_MS)
+    for role in ("DEV", "QA"):
+        card = cards.filter(has_text=f"{role} · ")
+        await expect(card).to_contain_text("COMPLETED", timeout=30_000)
+        await expect(card).to_contain_text(
+            re.compile(rf"Winner agent-{role.lower()}-00\d \(score \d+\.\d\d, (ARCHITECT|FALLBACK)\)")
+        )
     await expect(
         page.locator('#progress-events li[data-event-type="orchestration.deliberation.completed"]')
-    ).to_have_count(1)
+    ).to_have_count(2)
     await page.screenshot(path=str(artifacts / "monitoring-approve.png"), full_page=True)
 
     await open_tab(page, "timeline")
     row = page.locator('#timeline tr[data-event-type="planning.plan.approved"]')
     await expect(row).to_have_count(1)
     await expect(row).to_contain_text("S-42")
-    await expect(page.locator('#timeline tr[data-event-type="vllm.streaming.chunk"]')).to_have_count(
-        0
-    )  # hidden by default
     await page.select_option("#filter-family", "orchestration")
-    await expect(page.locator("#timeline tr")).to_have_count(3)
+    # task.dispatched, deliberation.started and deliberation.completed for each of the two roles
+    await expect(page.locator("#timeline tr")).to_have_count(6)
     await page.select_option("#filter-family", "")
     await page.screenshot(path=str(artifacts / "monitoring-timeline.png"), full_page=True)
 
+    await publish_tokens(bus, "delib-t1-dev", ("agent-dev-001", "agent-dev-002"))
+    await expect(page.locator('#timeline tr[data-event-type="vllm.streaming.chunk"]')).to_have_count(
+        0
+    )  # hidden by default
     await open_tab(page, "tokens")
     box = page.locator('#tokens .card.token[data-key="delib-t1-dev/agent-dev-001"]')
-    # (The catalog strips each chunk's surrounding whitespace today; see tests/unit/monitoring.)
     await expect(box).to_contain_text("def allow(client_id):")
     await expect(box).to_contain_text("return bucket.take(client_id)")
     await expect(box).to_contain_text("done")
@@ -253,7 +220,7 @@ async def test_dead_letters_are_shown_with_their_reason(page, bus: EventBus, art
 
 
 async def test_banner_names_the_down_orchestrator_and_recovers(
-    page, bus: EventBus, monitoring: RunningMonitoring, artifacts: Path
+    page, bus: EventBus, monitoring: RunningMonitoring, orchestrator_on, artifacts: Path
 ):
     from playwright.async_api import expect
 
@@ -265,27 +232,30 @@ async def test_banner_names_the_down_orchestrator_and_recovers(
     await expect(page.locator("#pill-orchestrator")).to_have_attribute("data-state", "down")
     await expect(page.locator('#banner .banner-line[data-dependency="nats"]')).to_have_count(0)
 
-    server = await start_stand_in(int(address.rsplit(":", 1)[1]))
+    orchestrator = await orchestrator_on(port_of(address))
     try:
         await expect(line).to_have_count(0, timeout=WAIT_MS)
         await expect(page.locator("#banner")).to_be_hidden()
         await page.click("#councils-refresh")
-        await expect(page.locator("#councils .council")).to_have_count(3)
+        await expect(page.locator("#councils .council")).to_have_count(5)
         await expect(page.locator("#councils")).to_contain_text("agent-dev-002")
 
         # A deliberation seen in the events, its full result from the orchestrator.
-        await publish_deliberation(bus, "S-42", "T-9", "delib-t9-dev")
+        task = Task.create("T-9", "Write a Python function that parses ISO dates.", "DEV", story_id="S-42")
+        result = await orchestrator.app.deliberate(task)
         await open_tab(page, "deliberations")
         row = page.locator("#delib-list tr", has_text="T-9")
         await expect(row).to_contain_text("COMPLETED", timeout=WAIT_MS)
         await row.click()
         detail = page.locator("#delib-detail")
         await expect(detail).to_contain_text("Task T-9")
-        await expect(detail).to_contain_text("The token bucket bounds bursts and shares state across replicas")
-        await expect(detail.locator(".proposal.winner")).to_contain_text("#1 agent-dev-001")
-        await expect(detail).to_contain_text("F821 undefined name 'redis'", use_inner_text=False)
-        await expect(detail.locator(".votes").first).to_contain_text("clarity 8, correctness 9")
+        assert result.selection is not None and result.winner is not None
+        await expect(detail).to_contain_text(result.selection.rationale[:60])
+        await expect(detail.locator(".proposal.winner")).to_contain_text(f"#{result.winner.rank} {result.winner_id}")
+        await expect(detail).to_contain_text("policy.secrets", use_inner_text=False)
+        criteria = ", ".join(sorted(c.name for c in task.constraints.rubric))
+        await expect(detail.locator(".votes").first).to_contain_text(re.compile(criteria.replace(", ", r" \d+, ")))
         await page.screenshot(path=str(artifacts / "monitoring-deliberation.png"), full_page=True)
     finally:
-        await server.stop(0)
+        await orchestrator.stop(0)
     await expect(line).to_contain_text("orchestrator unavailable", timeout=WAIT_MS)
