@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import TypeAdapter
 
+from services.common import events as ev
 from services.common.errors import InvalidArgument
 from services.common.events import DeliberationStatus, Role
 
@@ -535,6 +536,35 @@ class DeliberationResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeliberationResult:
         return load(cls, data)
+
+    def outcome_event(self, plan_id: str = "") -> ev.DeliberationCompleted | ev.DeliberationFailed:
+        """The event announcing how it ended: the winner, or FAILED/TIMEOUT and why."""
+        common: dict[str, Any] = {
+            "deliberation_id": self.deliberation_id,
+            "task_id": self.task_id,
+            "role": self.role,
+            "story_id": self.story_id,
+            "plan_id": plan_id,
+            "duration_ms": int(self.duration_ms),
+        }
+        winner = self.winner
+        if self.status == DeliberationStatus.COMPLETED and winner is not None and self.selection is not None:
+            applicable = [c for c in winner.checks if c.applicable]
+            return ev.DeliberationCompleted(
+                **common,
+                winner_id=winner.proposal.author_id,
+                winner_proposal_id=winner.proposal.proposal_id,
+                winner_content=winner.proposal.content,
+                winner_score=winner.score,
+                selection_method=self.selection.method,
+                rationale=self.selection.rationale,
+                checks_passed=sum(c.passed for c in applicable),
+                checks_failed=sum(not c.passed for c in applicable),
+                total_tokens=self.total_tokens,
+                context_version=self.context_version,
+            )
+        status = self.status if self.status in (DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT) else "FAILED"
+        return ev.DeliberationFailed(**common, status=status, error=self.error_message or "no winner")
 
 
 ProgressKind = Literal[

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from services.common import events as ev
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -226,7 +226,7 @@ class Orchestrator:
         )
         await self.store.save(result)
         await self.store.drop_lease(deliberation_id)
-        await self.publish(_outcome_event(result, plan_id), cid)
+        await self.publish(result.outcome_event(plan_id), cid)
         log.info(
             "deliberation %s of %s (%s) ended %s in %d ms",
             deliberation_id,
@@ -332,7 +332,7 @@ class Orchestrator:
                 finished_at=datetime.now(UTC),
             )
             await self.store.save(failed)
-            await self.publish(_outcome_event(failed, plan_id), cid)
+            await self.publish(failed.outcome_event(plan_id), cid)
 
     # --- status --------------------------------------------------------------------------------------------
 
@@ -392,33 +392,3 @@ def plan_tasks(plan: ev.PlanApproved) -> list[Task]:
                 )
             )
     return out
-
-
-def _outcome_event(result: DeliberationResult, plan_id: str) -> ev.Payload:
-    common: dict[str, Any] = {
-        "deliberation_id": result.deliberation_id,
-        "task_id": result.task_id,
-        "role": result.role,
-        "story_id": result.story_id,
-        "plan_id": plan_id,
-        "duration_ms": int(result.duration_ms),
-    }
-    winner = result.winner
-    if result.status == DeliberationStatus.COMPLETED and winner is not None and result.selection is not None:
-        passed = sum(1 for c in winner.checks if c.applicable and c.passed)
-        failed = sum(1 for c in winner.checks if c.applicable and not c.passed)
-        return ev.DeliberationCompleted(
-            **common,
-            winner_id=winner.proposal.author_id,
-            winner_proposal_id=winner.proposal.proposal_id,
-            winner_content=winner.proposal.content,
-            winner_score=winner.score,
-            selection_method=result.selection.method,
-            rationale=result.selection.rationale,
-            checks_passed=passed,
-            checks_failed=failed,
-            total_tokens=result.total_tokens,
-            context_version=result.context_version,
-        )
-    status = result.status if result.status in (DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT) else "FAILED"
-    return ev.DeliberationFailed(**common, status=status, error=result.error_message or "no winner")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteDeliberationRequest(_message.Message):
-    __slots__ = ("deliberation_id", "task_id", "task_description", "role", "constraints", "agents", "architect", "rounds", "vllm_url", "model", "story_id", "context", "context_version", "council_id")
+    __slots__ = ("deliberation_id", "task_id", "task_description", "role", "constraints", "agents", "architect", "rounds", "vllm_url", "model", "story_id", "context", "context_version", "council_id", "caller_publishes_lifecycle")
     DELIBERATION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class ExecuteDeliberationRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNCIL_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_PUBLISHES_LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
     deliberation_id: str
     task_id: str
     task_description: str
@@ -37,7 +38,8 @@ class ExecuteDeliberationRequest(_message.Message):
     context: str
     context_version: str
     council_id: str
-    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[_deliberation_pb2.Agent, _Mapping]]] = ..., architect: _Optional[_Union[_deliberation_pb2.Agent, _Mapping]] = ..., rounds: _Optional[int] = ..., vllm_url: _Optional[str] = ..., model: _Optional[str] = ..., story_id: _Optional[str] = ..., context: _Optional[str] = ..., context_version: _Optional[str] = ..., council_id: _Optional[str] = ...) -> None: ...
+    caller_publishes_lifecycle: bool
+    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[_deliberation_pb2.Agent, _Mapping]]] = ..., architect: _Optional[_Union[_deliberation_pb2.Agent, _Mapping]] = ..., rounds: _Optional[int] = ..., vllm_url: _Optional[str] = ..., model: _Optional[str] = ..., story_id: _Optional[str] = ..., context: _Optional[str] = ..., context_version: _Optional[str] = ..., council_id: _Optional[str] = ..., caller_publishes_lifecycle: _Optional[bool] = ...) -> None: ...
 
 class ExecuteDeliberationResponse(_message.Message):
     __slots__ = ("deliberation_id", "status")

@@ -1,0 +1,153 @@
+"""Composition root of the ray-executor: settings -> Ray + NATS -> application -> gRPC server.
+
+`fleet serve ray-executor` calls `run()`. Tests and the benchmark use `start(settings)` (GRPC_PORT 0 picks a free
+port) and `await running.stop()`. RAY_ADDRESS names the cluster (KubeRay's head service, a loopback head);
+empty starts a local Ray in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from fleet.ray_executor.v1 import ray_executor_pb2_grpc
+from services.common import events as ev
+from services.common.bus import EventBus
+from services.common.errors import Unavailable
+from services.common.grpc_server import GrpcServer
+from services.common.logging import configure_logging
+from services.common.metrics import start_metrics_server
+from services.common.settings import load_settings
+from services.ray_executor.adapters.grpc_api import RayExecutorServicer
+from services.ray_executor.application import DeliberationRequest, RayExecutorService
+from services.ray_executor.executor import AgentPool, CallSpec, RayConnection, RayExecutor, connect_ray
+from services.ray_executor.settings import RayExecutorSettings
+
+log = logging.getLogger("fleet.ray_executor")
+SERVICE_NAME = "fleet.ray_executor.v1.RayExecutorService"
+
+
+def executor_factory(settings: RayExecutorSettings, pool: AgentPool):
+    """Per deliberation: a RayExecutor on the pool, calling the request's vLLM (or the default) until `deadline`."""
+
+    def make(request: DeliberationRequest, deadline: float) -> RayExecutor:
+        spec = CallSpec(
+            vllm_url=request.vllm_url or settings.vllm_url,
+            model=request.model or settings.vllm_model,
+            llm_timeout=settings.vllm_timeout_seconds,
+            llm_max_retries=settings.vllm_max_retries,
+            call_timeout=settings.agent_timeout_seconds,
+            deadline=deadline,
+            nats_url=settings.nats_url if settings.token_streaming else "",
+            token_batch_seconds=settings.token_batch_ms / 1000,
+            correlation_id=request.correlation_id or request.deliberation_id,
+        )
+        return RayExecutor(pool, spec)
+
+    return make
+
+
+@dataclass
+class RunningRayExecutor:
+    app: RayExecutorService
+    server: GrpcServer
+    bus: EventBus
+    ray: RayConnection
+    pool: AgentPool
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """NOT_SERVING, finish in-flight RPCs, end running deliberations (FAILED), release Ray and NATS."""
+        await self.server.stop(grace)
+        await self.app.close()
+        await self.bus.close()
+        self.pool.shutdown()
+        await asyncio.to_thread(self.ray.shutdown)
+
+
+async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> RunningRayExecutor:
+    """Connect NATS and Ray, then serve. Ray's connect takes seconds (a local start ~5 s): done in a thread."""
+    bus = await EventBus.connect(settings, ev.RAY_EXECUTOR)
+    ray: RayConnection | None = None
+    pool: AgentPool | None = None
+    try:
+        async with asyncio.timeout(settings.ray_start_timeout_seconds):
+            ray = await asyncio.to_thread(
+                connect_ray,
+                settings.ray_address,
+                namespace=settings.ray_namespace,
+                local_num_cpus=settings.ray_local_num_cpus,
+                log_to_driver=settings.ray_log_to_driver,
+            )
+            pool = AgentPool(
+                settings.ray_agent_workers,
+                num_cpus=settings.ray_num_cpus_per_worker,
+                max_concurrency=settings.ray_calls_per_worker,
+                max_retries=settings.ray_max_retries,
+            )
+            await pool.ready()
+
+        async def publish(payload: ev.Payload, cid: str) -> None:
+            await bus.publish(ev.make_event(payload, ev.RAY_EXECUTOR, correlation_id=cid))
+
+        app = RayExecutorService(
+            executor_factory(settings, pool),
+            publish,
+            ray_address=ray.address,
+            max_active=settings.max_active_deliberations,
+            keep_finished=settings.finished_jobs_kept,
+        )
+        server = GrpcServer(
+            [(ray_executor_pb2_grpc.add_RayExecutorServiceServicer_to_server, RayExecutorServicer(app), SERVICE_NAME)],
+            settings.grpc_port,
+            host,
+        )
+        await server.start()
+    except BaseException as e:
+        await bus.close()
+        if pool is not None:
+            pool.shutdown()
+        if ray is not None:
+            await asyncio.to_thread(ray.shutdown)
+        if isinstance(e, TimeoutError):
+            where = settings.ray_address or "a local Ray"
+            raise Unavailable(
+                f"Ray at {where}: not connected with {settings.ray_agent_workers} agent workers running within "
+                f"{settings.ray_start_timeout_seconds:g}s (too few CPUs for "
+                f"{settings.ray_agent_workers} x {settings.ray_num_cpus_per_worker}?)"
+            ) from e
+        raise
+    return RunningRayExecutor(app, server, bus, ray, pool)
+
+
+async def _serve(settings: RayExecutorSettings) -> None:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "ray-executor ready on :%d (Ray %s, %d agent workers x %g CPU, vLLM %s)",
+        running.port,
+        running.ray.address,
+        settings.ray_agent_workers,
+        settings.ray_num_cpus_per_worker,
+        settings.vllm_url,
+    )
+    await stop.wait()
+    log.info("shutting down")
+    with contextlib.suppress(Exception):
+        await running.stop()
+
+
+def run() -> None:
+    settings = load_settings(RayExecutorSettings)
+    configure_logging("ray-executor", settings.log_level, settings.log_format)
+    start_metrics_server(settings.metrics_port)
+    asyncio.run(_serve(settings))
