@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+# e2e image: `pytest tests/e2e` against a running fleet (the Job in deploy/k8s/e2e reads the in-cluster addresses
+# from the environment). Same tests as the local e2e: tests/ is copied as it is in the repository.
+# Build from the repository root: `make images` (or docker build -f deploy/docker/e2e.Dockerfile .).
+# The builder stage is the same in every deploy/docker/*.Dockerfile (a test keeps them identical).
+
+# ---- builder: stubs generated from specs/, the project installed into a venv --------------------------
+FROM python:3.11-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# grpcio-tools pinned like the dev extra in pyproject.toml (a test compares them).
+RUN python -m venv /opt/protoc && /opt/protoc/bin/pip install grpcio-tools==1.85.1
+COPY pyproject.toml README.md ./
+COPY scripts/gen_protos.sh scripts/
+COPY specs/ specs/
+RUN PY=/opt/protoc/bin/python ./scripts/gen_protos.sh
+COPY services/ services/
+RUN python -m venv /opt/fleet && /opt/fleet/bin/pip install --upgrade pip && /opt/fleet/bin/pip install . \
+    && /opt/fleet/bin/python -c "import fleet.orchestrator.v1.orchestrator_pb2_grpc, services.cli"
+COPY deploy/docker/fleet_wait.py /opt/fleet/bin/fleet-wait
+RUN chmod 0755 /opt/fleet/bin/fleet-wait
+
+# ---- test tools: the dev extra of pyproject.toml (pytest, pytest-asyncio, pytest-timeout, ...) ----------
+FROM builder AS tools
+RUN /opt/fleet/bin/pip install ".[dev]"
+
+# ---- runtime: non-root, the venv plus the tests -------------------------------------------------------
+FROM python:3.11-slim-bookworm
+RUN groupadd --system --gid 10001 fleet && useradd --system --uid 10001 --gid 10001 --create-home fleet
+COPY --from=tools /opt/fleet /opt/fleet
+WORKDIR /app
+COPY pyproject.toml ./
+COPY tests/ tests/
+ENV PATH=/opt/fleet/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+# No cache writes: the root filesystem is read-only in the Job.
+CMD ["pytest", "tests/e2e", "-v", "-p", "no:cacheprovider"]

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# Ray node image for the KubeRay RayCluster (head and workers): the fleet package (the deliberation engine the
+# agent tasks run) plus ray[default] at exactly the version the ray-executor's Ray client has (Ray client mode
+# needs the same Ray and Python versions on both sides), and wget/bash for the probes KubeRay injects.
+# Build from the repository root: `make images` (or docker build -f deploy/docker/ray.Dockerfile .).
+# The builder stage is the same in every deploy/docker/*.Dockerfile (a test keeps them identical).
+
+# ---- builder: stubs generated from specs/, the project installed into a venv --------------------------
+FROM python:3.11-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# grpcio-tools pinned like the dev extra in pyproject.toml (a test compares them).
+RUN python -m venv /opt/protoc && /opt/protoc/bin/pip install grpcio-tools==1.85.1
+COPY pyproject.toml README.md ./
+COPY scripts/gen_protos.sh scripts/
+COPY specs/ specs/
+RUN PY=/opt/protoc/bin/python ./scripts/gen_protos.sh
+COPY services/ services/
+RUN python -m venv /opt/fleet && /opt/fleet/bin/pip install --upgrade pip && /opt/fleet/bin/pip install . \
+    && /opt/fleet/bin/python -c "import fleet.orchestrator.v1.orchestrator_pb2_grpc, services.cli"
+COPY deploy/docker/fleet_wait.py /opt/fleet/bin/fleet-wait
+RUN chmod 0755 /opt/fleet/bin/fleet-wait
+
+# ---- ray[default]: dashboard agent and GCS health endpoints that KubeRay's probes call -------------------
+FROM builder AS ray
+RUN /opt/fleet/bin/pip install "ray[default]==$(/opt/fleet/bin/python -c 'import ray; print(ray.__version__)')"
+
+# ---- runtime: non-root ----------------------------------------------------------------------------------
+FROM python:3.11-slim-bookworm
+RUN apt-get update && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 fleet && useradd --system --uid 10001 --gid 10001 --create-home fleet
+COPY --from=ray /opt/fleet /opt/fleet
+ENV PATH=/opt/fleet/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+WORKDIR /home/fleet
+# GCS, Ray client server, dashboard (KubeRay starts `ray start` itself; this is for `docker run` only).
+EXPOSE 6379 10001 8265
+CMD ["ray", "start", "--head", "--block", "--dashboard-host=0.0.0.0"]

@@ -1,0 +1,1 @@
+"""Tests of deploy/ helpers against real servers."""

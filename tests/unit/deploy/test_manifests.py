@@ -1,0 +1,1112 @@
+"""Offline verification of deploy/: every kustomization rendered by `kubectl kustomize`, every object validated
+against the Kubernetes 1.33 schemas (strict; a missing schema fails), yamllint, and cross-checks between the
+manifests, the Dockerfiles, the build script, the services' settings classes and the `fleet` CLI.
+
+No cluster and no Docker engine are needed (nor used): what needs one is listed in deploy/k8s/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from services.common.settings import env_vars, load_settings
+
+ROOT = Path(__file__).resolve().parents[3]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKER = DEPLOY / "docker"
+K8S_VERSION = "1.33.0"
+NAMESPACE = "swe-ai-fleet"
+PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+OUR_REGISTRY = "swe-ai-fleet/"
+
+# The fleet's services: settings class, the settings field of the port the process listens on (= EXPOSE =
+# containerPort = probe port = Service targetPort), and variables the Kubernetes deployment sets on purpose
+# beyond the connection settings every service must get (see `required_vars`).
+SERVICES: dict[str, dict[str, Any]] = {
+    "orchestrator": {
+        "settings": "services.orchestrator.settings:OrchestratorSettings",
+        "port_field": "grpc_port",
+        "metrics_field": "metrics_port",
+        "also": {"EXECUTOR"},
+    },
+    "context": {
+        "settings": "services.context.settings:ContextSettings",
+        "port_field": "grpc_port",
+        "metrics_field": "metrics_port",
+        "also": {"GRAPH_BACKEND"},
+    },
+    "ray-executor": {
+        "settings": "services.ray_executor.settings:RayExecutorSettings",
+        "port_field": "grpc_port",
+        "metrics_field": "metrics_port",
+        "also": set(),
+        "unused": {"VALKEY_URL"},
+    },
+    "monitoring": {
+        "settings": "services.monitoring.settings:MonitoringSettings",
+        "port_field": "monitoring_port",
+        "metrics_field": None,  # /metrics is served on MONITORING_PORT
+        "also": set(),
+        # Inherited from FleetSettings but not used by the service (a test checks that it is not).
+        "unused": {"VALKEY_URL"},
+    },
+}
+# Settings whose in-cluster value differs from the loopback default: every service must get them.
+CONNECTION_SUFFIXES = ("_URL", "_URI", "_ADDRESS", "_USER", "_PASSWORD", "_MODEL")
+# What the e2e suite reads (tests/e2e/test_system_e2e.py; names found in tests/e2e are added to these).
+E2E_ENV = {
+    "ORCHESTRATOR_ADDRESS",
+    "CONTEXT_ADDRESS",
+    "RAY_EXECUTOR_ADDRESS",
+    "MONITORING_URL",
+    "NATS_URL",
+    "VALKEY_URL",
+    "NEO4J_URI",
+    "NEO4J_USER",
+    "NEO4J_PASSWORD",
+}
+# Third-party images the manifests may run (pinned; anything else must be built by a Dockerfile here).
+THIRD_PARTY_IMAGES = {"nats", "valkey/valkey", "neo4j", "vllm/vllm-openai"}
+# Images built here that keep a writable root filesystem: Ray and vLLM write session files and caches of their own.
+WRITABLE_ROOT_IMAGES = {"ray", "vllm-cpu"}
+SECRETISH = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE|_KEY$|^KEY$|AUTH$)", re.IGNORECASE)
+SECRET_PLACEHOLDER = "<from-secret>"
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+
+def kustomizations() -> list[str]:
+    """Every folder under deploy/k8s with a kustomization, relative to deploy/k8s (base, e2e, overlays/...)."""
+    found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
+    return found
+
+
+@functools.cache
+def render(name: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: the manifests cannot be rendered (apt-get install kubectl)")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"kubectl kustomize {name} failed:\n{proc.stderr}")
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def world(name: str) -> list[dict[str, Any]]:
+    """The objects a kustomization's pods see in the cluster: its own, plus the base's for the e2e Job."""
+    objects = list(render(name))
+    if name == "e2e":
+        objects += render("base")
+    return objects
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    return next((o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+
+def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    obj = find(objects, kind, name)
+    assert obj is not None, f"no {kind} {name} in the rendered manifests"
+    return obj
+
+
+def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, pod template) of a workload; RayCluster head and worker groups included."""
+    kind, name, spec = obj["kind"], obj["metadata"]["name"], obj.get("spec", {})
+    if kind in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+        return [(f"{kind}/{name}", spec["template"])]
+    if kind == "CronJob":
+        return [(f"{kind}/{name}", spec["jobTemplate"]["spec"]["template"])]
+    if kind == "RayCluster":
+        out = [(f"{kind}/{name}/head", spec["headGroupSpec"]["template"])]
+        out += [(f"{kind}/{name}/{g['groupName']}", g["template"]) for g in spec.get("workerGroupSpecs", [])]
+        return out
+    return []
+
+
+def all_pods(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [t for o in objects for t in pod_templates(o)]
+
+
+def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = template["spec"]
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def main_container(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (_, template), *_ = pod_templates(the(objects, kind, name))
+    return template["spec"]["containers"][0]
+
+
+def effective_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
+    """The environment a container gets: envFrom ConfigMaps, then env (secrets as a placeholder, $(VAR) expanded).
+
+    Fails when a referenced ConfigMap or key does not exist in the rendered objects.
+    """
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source, f"{container['name']}: only ConfigMaps may be used with envFrom: {source}"
+        ref = source["configMapRef"]
+        cm = find(objects, "ConfigMap", ref["name"])
+        if cm is None:
+            assert ref.get("optional"), f"{container['name']}: envFrom ConfigMap {ref['name']} is not rendered"
+            continue
+        env.update({source.get("prefix", "") + k: v for k, v in cm.get("data", {}).items()})
+    for item in container.get("env", []):
+        name = item["name"]
+        if "value" in item:
+            env[name] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), item["value"])
+            continue
+        source = item["valueFrom"]
+        if "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            cm = find(objects, "ConfigMap", ref["name"])
+            value = None if cm is None else cm.get("data", {}).get(ref["key"])
+            assert value is not None or ref.get("optional"), (
+                f"{container['name']}: {name} refers to ConfigMap {ref['name']} key {ref['key']}, which is not rendered"
+            )
+            if value is not None:
+                env[name] = value
+        elif "secretKeyRef" in source:
+            env[name] = SECRET_PLACEHOLDER
+        else:
+            env[name] = f"<{next(iter(source))}>"
+    return env
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    module, _, cls = SERVICES[service]["settings"].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def required_vars(service: str) -> set[str]:
+    """What a service's Deployment must set: settings without a default, connection settings, its ports."""
+    cls = settings_class(service)
+    spec = SERVICES[service]
+    names = {n.upper() for n, f in cls.model_fields.items() if f.is_required()}
+    names |= {v for v in env_vars(cls) if v.endswith(CONNECTION_SUFFIXES)}
+    names |= {spec["port_field"].upper()} | set(spec["also"])
+    if spec["metrics_field"]:
+        names.add(spec["metrics_field"].upper())
+    return names
+
+
+def load_with_env(cls: type[BaseSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> BaseSettings:
+    for var in env_vars(cls):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    return load_settings(cls)
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    """A probe's or Service's port (number or name) as the container's port number; fails if it has none."""
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    if isinstance(port, str) and not port.isdigit():
+        assert port in ports, f"{container['name']}: port name {port!r} is not one of its ports {ports}"
+        return ports[port]
+    assert int(port) in ports.values(), f"{container['name']}: port {port} is not one of its containerPorts {ports}"
+    return int(port)
+
+
+def probes(container: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if kind in container:
+            yield kind, container[kind]
+
+
+def probe_port(probe: dict[str, Any]) -> int | str | None:
+    for handler in ("grpc", "httpGet", "tcpSocket"):
+        if handler in probe:
+            return probe[handler]["port"]
+    return None
+
+
+def dockerfile(name: str) -> str:
+    path = DOCKER / f"{name}.Dockerfile"
+    assert path.is_file(), f"no Dockerfile for image {name}: expected {path.relative_to(ROOT)}"
+    return path.read_text()
+
+
+def image_name(image: str) -> tuple[str, str]:
+    name, sep, tag = image.rpartition(":")
+    assert sep and "/" not in tag, f"image {image} has no explicit tag"
+    return name, tag
+
+
+# --- rendering and schemas ---------------------------------------------------------------------------------
+
+
+def test_the_kustomizations_are_there():
+    assert {"base", "e2e"} <= set(kustomizations())
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_objects_are_valid_kubernetes(name):
+    """Strict schema validation of every object; a missing schema fails (the CRD RayCluster has its own test)."""
+    errors = []
+    for obj in render(name):
+        if obj["kind"] == "RayCluster":
+            continue
+        where = f"{obj['kind']}/{obj['metadata'].get('name')}"
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{where}: no schema for {obj['apiVersion']} {obj['kind']} in Kubernetes {K8S_VERSION}")
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{where}: {'.'.join(map(str, e.absolute_path))}: {e.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("name", [k for k in kustomizations() if k != "e2e"])
+def test_raycluster_structure(name):
+    """kubernetes-validate has no schema for ray.io/v1 RayCluster: the fields we use are checked explicitly, and
+    its pod templates are validated strictly as core PodTemplates."""
+    clusters = [o for o in render(name) if o["kind"] == "RayCluster"]
+    assert clusters, f"{name} has no RayCluster"
+    import ray
+
+    for rc in clusters:
+        assert rc["apiVersion"] == "ray.io/v1"
+        spec = rc["spec"]
+        assert set(spec) <= {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling"}, spec.keys()
+        # Ray client mode needs the same Ray on both sides: the images install the Ray the project pins.
+        assert spec["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2], (
+            spec["rayVersion"],
+            ray.__version__,
+        )
+        groups = [("head", spec["headGroupSpec"])] + [(g.get("groupName"), g) for g in spec["workerGroupSpecs"]]
+        assert len(groups) >= 2, "no worker group"
+        for group_name, group in groups:
+            params = group.get("rayStartParams", {})
+            # KubeRay's CRD types rayStartParams as map[string]string: an unquoted number is rejected.
+            assert all(isinstance(v, str) for v in params.values()), f"{group_name}: non-string rayStartParams {params}"
+            if group_name != "head":
+                assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", group_name or ""), group_name
+                assert set(group) <= {
+                    "groupName",
+                    "replicas",
+                    "minReplicas",
+                    "maxReplicas",
+                    "rayStartParams",
+                    "template",
+                }
+                assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
+            else:
+                assert set(group) <= {"rayStartParams", "template", "serviceType"}
+            template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": group["template"],
+            }
+            kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        assert head_ports.get("client") == 10001 and head_ports.get("gcs-server") == 6379, head_ports
+
+
+def test_yamllint():
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(file=str(ROOT / ".yamllint"))
+    files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+    assert len(files) >= 10, files
+    problems = [
+        f"{path.relative_to(ROOT)}:{p.line}:{p.column}: {p.level}: {p.message}"
+        for path in files
+        for p in linter.run(path.read_text(), config, str(path))
+    ]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_everything_is_in_the_namespace(name):
+    for obj in render(name):
+        if obj["kind"] == "Namespace":
+            assert obj["metadata"]["name"] == NAMESPACE
+        else:
+            assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
+    if name == "base":
+        the(list(render(name)), "Namespace", NAMESPACE)
+
+
+# --- ports: settings default = EXPOSE = containerPort = probes = Service --------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_ports_agree_with_settings_and_dockerfile(service, monkeypatch):
+    objects = world("base")
+    spec = SERVICES[service]
+    cls = settings_class(service)
+    default_port = cls.model_fields[spec["port_field"]].default
+    container = main_container(objects, "Deployment", service)
+    main_port = container["ports"][0]["containerPort"]
+    assert main_port == default_port, f"{service}: containerPort {main_port} != {cls.__name__} default {default_port}"
+    # What the process really listens on, from the environment the pod gets.
+    settings = load_with_env(cls, effective_env(container, objects), monkeypatch)
+    assert getattr(settings, spec["port_field"]) == main_port
+    for kind, probe in probes(container):
+        assert port_number(container, probe_port(probe)) == main_port, f"{service} {kind}"
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= dict(probes(container)).keys()
+    if spec["port_field"] == "grpc_port":  # grpc.health.v1: native gRPC probes
+        assert all("grpc" in p for _, p in probes(container)), f"{service}: gRPC services use grpc probes"
+    expose = [int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile(service), re.M) for p in line.split()]
+    assert expose and expose[0] == main_port, f"{service}.Dockerfile EXPOSE {expose} != {main_port}"
+    svc = the(objects, "Service", service)
+    assert main_port in {port_number(container, p["targetPort"]) for p in svc["spec"]["ports"]}
+    if spec["metrics_field"]:
+        metrics = getattr(settings, spec["metrics_field"])
+        assert metrics == cls.model_fields[spec["metrics_field"]].default
+        assert port_number(container, "metrics") == metrics and metrics in expose
+    else:
+        assert set(expose) == {main_port}
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_every_probe_and_service_port_is_a_container_port(name):
+    objects = world(name)
+    for label, template in all_pods(render(name)):
+        for c in containers(template):
+            for kind, probe in probes(c):
+                port = probe_port(probe)
+                if port is not None:
+                    port_number(c, port)  # fails when it is not one of the container's ports
+                else:
+                    assert "exec" in probe, f"{label} {c['name']} {kind}: no handler"
+    for svc in (o for o in render(name) if o["kind"] == "Service"):
+        pods = [t for _, t in all_pods(objects) if selects(svc["spec"]["selector"], labels_of(t))]
+        assert pods, f"Service {svc['metadata']['name']} selects no pod"
+        for p in svc["spec"]["ports"]:
+            for t in pods:
+                assert any(_has_port(c, p.get("targetPort", p["port"])) for c in t["spec"]["containers"]), (
+                    f"Service {svc['metadata']['name']} port {p}"
+                )
+
+
+def _has_port(container: dict[str, Any], port: int | str) -> bool:
+    try:
+        port_number(container, port)
+    except AssertionError:
+        return False
+    return True
+
+
+# --- environment: what the settings read is set, and nothing else ------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_environment_matches_its_settings(service, monkeypatch):
+    objects = world("base")
+    cls = settings_class(service)
+    reads = set(env_vars(cls))
+    for _, template in pod_templates(the(objects, "Deployment", service)):
+        container = template["spec"]["containers"][0]
+        env = effective_env(container, objects)
+        missing = sorted(v for v in required_vars(service) if not env.get(v))
+        assert not missing, f"{service}: {missing} not set (or empty) in its Deployment"
+        typos = sorted({e["name"] for e in container.get("env", [])} - reads)
+        assert not typos, f"{service}: env {typos} is read by no field of {cls.__name__}"
+        load_with_env(cls, env, monkeypatch)  # every value passes the settings' validation
+
+
+def test_settings_declared_unused_are_really_unused():
+    for service, spec in SERVICES.items():
+        for var in spec.get("unused", set()):
+            word = var.removesuffix("_URL").lower()
+            package = ROOT / "services" / service.replace("-", "_")
+            users = [p for p in package.rglob("*.py") if word in p.read_text().lower()]
+            assert not users, f"{service} is declared not to use {var}, but {users} mention {word}"
+
+
+def test_configmap_keys_are_read_by_someone():
+    objects = world("base")
+    known = set(E2E_ENV)
+    for service in SERVICES:
+        known |= set(env_vars(settings_class(service)))
+    keys = set(the(objects, "ConfigMap", "fleet-config")["data"])
+    assert not keys - known, f"fleet-config keys nobody reads: {sorted(keys - known)}"
+
+
+def _e2e_reads() -> set[str]:
+    names = set(E2E_ENV)
+    try:  # the e2e conftest takes the fleet's addresses from the variables of services.local.fleet.ADDRESS_ENV
+        from services.local.fleet import ADDRESS_ENV
+
+        names |= set(ADDRESS_ENV.values())
+    except ImportError:
+        pass
+    for path in (ROOT / "tests" / "e2e").rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r"""environ(?:\.get)?[\[(]\s*["']([A-Z][A-Z0-9_]+)["']""", text))
+        names |= set(re.findall(r"""getenv\(\s*["']([A-Z][A-Z0-9_]+)["']""", text))
+    return names
+
+
+def test_the_e2e_suite_imports_without_the_local_servers():
+    """The e2e image has the project and its dev extra, not the `local` extra (NATS, Valkey, FalkorDB binaries):
+    collecting tests/e2e must not import them."""
+    import importlib.metadata
+
+    local = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["local"]
+    blocked = set()
+    for requirement in local:
+        dist = re.split(r"[<>=~!\[ ;]", requirement, maxsplit=1)[0]
+        for f in importlib.metadata.distribution(dist).files or []:
+            top = str(f).split("/")[0]
+            if not top.endswith((".dist-info", ".data")) and not top.startswith(".."):
+                blocked.add(top.removesuffix(".py"))
+    blocked.discard("__pycache__")
+    assert blocked, "no module of the local extra found to block"
+    script = f"""
+import sys, pytest
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {sorted(blocked)!r}:
+            raise ImportError(f"{{name}} is in the local extra, not in the e2e image")
+sys.meta_path.insert(0, Block())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/e2e"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ tests? collected", proc.stdout), proc.stdout[-2000:]
+
+
+def test_e2e_job_runs_tests_e2e_with_the_in_cluster_addresses():
+    objects = world("e2e")
+    job = the(list(render("e2e")), "Job", "fleet-e2e")
+    assert isinstance(job["spec"].get("backoffLimit"), int) and job["spec"].get("ttlSecondsAfterFinished", 0) > 0
+    container = main_container(objects, "Job", "fleet-e2e")
+    command = [*container.get("command", []), *container.get("args", [])]
+    assert command[0] == "pytest" and [a for a in command[1:] if not a.startswith("-") and "/" in a] == ["tests/e2e"]
+    assert (ROOT / "tests" / "e2e").is_dir()
+    assert re.search(r"^COPY tests/ tests/$", dockerfile("e2e"), re.M), "the e2e image must carry tests/"
+    env = effective_env(container, objects)
+    missing = sorted(v for v in _e2e_reads() if v not in env)
+    assert not missing, f"the e2e suite reads {missing}, which the Job does not set"
+
+
+# --- addresses and network policies --------------------------------------------------------------------------
+
+
+def labels_of(template: dict[str, Any]) -> dict[str, str]:
+    return template.get("metadata", {}).get("labels", {})
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if "matchLabels" in selector or "matchExpressions" in selector:
+        match_labels, expressions = selector.get("matchLabels", {}), selector.get("matchExpressions", [])
+    else:  # a Service's plain selector map
+        match_labels, expressions = selector, []
+    if any(labels.get(k) != v for k, v in match_labels.items()):
+        return False
+    for e in expressions:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def services_map(objects: list[dict[str, Any]]) -> dict[str, tuple[dict[str, str], dict[int, int | str]]]:
+    """Service name -> (pod selector, {port: targetPort}), KubeRay's head Service included."""
+    out = {
+        s["metadata"]["name"]: (
+            s["spec"]["selector"],
+            {p["port"]: p.get("targetPort", p["port"]) for p in s["spec"]["ports"]},
+        )
+        for s in objects
+        if s["kind"] == "Service"
+    }
+    for rc in (o for o in objects if o["kind"] == "RayCluster"):
+        head = rc["spec"]["headGroupSpec"]["template"]
+        ports = {p["containerPort"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+        out[f"{rc['metadata']['name']}-head-svc"] = (labels_of(head), ports)
+    return out
+
+
+ADDRESS = re.compile(r"(?:^|[\s/@\"'=])([a-z0-9]([-a-z0-9]*[a-z0-9])?):(\d{2,5})\b")
+
+
+def reads(container: dict[str, Any]) -> set[str] | None:
+    """The variables a container's program reads (None: only its explicit `env`, e.g. third-party images).
+
+    A shared ConfigMap hands every container every address; only those its program reads are connections.
+    """
+    from services.common.settings import FleetSettings
+
+    command = [*container.get("command", []), *container.get("args", [])]
+    if command[:2] == ["fleet", "serve"]:
+        return set(env_vars(settings_class(command[2]))) - SERVICES[command[2]].get("unused", set())
+    if command[:3] == ["fleet", "streams", "init"] or command[:2] == ["fleet-wait", "streams"]:
+        return {v for v in env_vars(FleetSettings) if v == "NATS_URL" or v.startswith("STREAM_")}
+    if command[:3] == ["fleet", "councils", "init"]:
+        return {"ORCHESTRATOR_ADDRESS"}
+    if command[:1] == ["pytest"]:
+        return _e2e_reads()
+    return None
+
+
+def connections(
+    objects: list[dict[str, Any]], pods: list[tuple[str, dict[str, Any]]]
+) -> list[tuple[str, dict, str, int]]:
+    """(pod label, pod labels, service, port) for every in-cluster address a container uses (env it reads, command)."""
+    services = services_map(objects)
+    out = []
+    for label, template in pods:
+        for c in containers(template):
+            env = effective_env(c, objects)
+            wanted = reads(c)
+            names = {e["name"] for e in c.get("env", [])} if wanted is None else wanted
+            texts = [v for k, v in env.items() if k in names] + [*c.get("command", []), *c.get("args", [])]
+            for text in texts:
+                for m in ADDRESS.finditer(str(text)):
+                    if m[1] in services:
+                        out.append((f"{label}/{c['name']}", labels_of(template), m[1], int(m[3])))
+    return out
+
+
+def resolve_target(objects: list[dict[str, Any]], service: str, port: int) -> tuple[dict[str, str], int]:
+    """The labels of the pods behind service:port and the container port number it reaches."""
+    selector, ports = services_map(objects)[service]
+    assert port in ports, f"{service} has no port {port} (ports {sorted(ports)})"
+    target = [t for _, t in all_pods(objects) if selects(selector, labels_of(t))]
+    assert target, f"Service {service} selects no pod"
+    container = next(c for c in target[0]["spec"]["containers"] if _has_port(c, ports[port]))
+    return labels_of(target[0]), port_number(container, ports[port])
+
+
+def ingress_allowed(
+    objects: list[dict[str, Any]],
+    src: dict[str, str],
+    dst: dict[str, str],
+    port: int,
+    src_namespace: dict[str, str] | None,
+) -> bool:
+    """Whether NetworkPolicies let a pod (labels src; in our namespace when src_namespace is None, else in a
+    namespace with those labels) reach a pod (labels dst) on `port`."""
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy"
+        and selects(p["spec"]["podSelector"], dst)
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not policies:
+        return True
+    ours = the(objects, "Namespace", NAMESPACE)["metadata"].get("labels", {}) | {
+        "kubernetes.io/metadata.name": NAMESPACE
+    }
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            if rule.get("ports") and not any(p.get("port") in (None, port) for p in rule["ports"]):
+                continue
+            if not rule.get("from"):
+                return True
+            for peer in rule["from"]:
+                if "namespaceSelector" in peer:
+                    ns_ok = selects(peer["namespaceSelector"], ours if src_namespace is None else src_namespace)
+                else:
+                    ns_ok = src_namespace is None
+                pod_ok = "podSelector" not in peer or selects(peer["podSelector"], src)
+                if ns_ok and pod_ok and "ipBlock" not in peer:
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_every_address_reaches_a_service_and_is_allowed_by_the_network_policies(name):
+    objects = world(name)
+    found = connections(objects, all_pods(render(name)))
+    assert found, "no in-cluster address found: the check would prove nothing"
+    denied = []
+    for who, src, service, port in found:
+        dst, container_port = resolve_target(objects, service, port)
+        if not ingress_allowed(objects, src, dst, container_port, None):
+            denied.append(f"{who} -> {service}:{port}")
+    assert not denied, "NetworkPolicies block:\n" + "\n".join(denied)
+    if name == "base":
+        got = {(w.split("/")[1], s) for w, _, s, _ in found}
+        for edge in [
+            ("orchestrator", "nats"),
+            ("orchestrator", "context"),
+            ("orchestrator", "ray-executor"),
+            ("ray-executor", "fleet-ray-head-svc"),
+            ("context", "neo4j"),
+            ("monitoring", "orchestrator"),
+            ("orchestrator-init-councils", "orchestrator"),
+            ("nats-init-streams", "nats"),
+        ]:
+            assert edge in got, f"expected {edge[0]} to be configured with an address of {edge[1]}"
+
+
+def test_network_policies_deny_what_is_not_needed_and_admit_ray_and_the_ingress():
+    objects = world("base")
+    pods = {labels_of(t).get("app.kubernetes.io/name"): labels_of(t) for _, t in all_pods(objects)}
+    rc = the(objects, "RayCluster", "fleet-ray")
+    head, worker = (
+        labels_of(rc["spec"]["headGroupSpec"]["template"]),
+        labels_of(rc["spec"]["workerGroupSpecs"][0]["template"]),
+    )
+    # Ray nodes talk to each other on any port.
+    assert ingress_allowed(objects, worker, head, 6379, None) and ingress_allowed(objects, head, worker, 12345, None)
+    # The dashboard is reachable from an ingress controller in another namespace.
+    assert ingress_allowed(
+        objects, {"app": "ingress-nginx"}, pods["monitoring"], 8080, {"kubernetes.io/metadata.name": "ingress-nginx"}
+    )
+    # And what nobody needs is denied (the evaluator can say no; default deny is in place).
+    for src, dst, port in [
+        ("monitoring", "neo4j", 7687),
+        ("ray", "valkey", 6379),
+        ("monitoring", "vllm", 8000),
+        ("nats-init-streams", "orchestrator", 50055),
+        ("orchestrator", "ray", 10001),
+        ("ray-executor", "valkey", 6379),
+    ]:
+        assert not ingress_allowed(objects, pods[src], pods[dst], port, None), f"{src} -> {dst}:{port} is allowed"
+    assert not ingress_allowed(objects, {}, pods["orchestrator"], 50055, {"kubernetes.io/metadata.name": "other"})
+    # Default deny: from another namespace, no pod of ours is reachable on a port nobody admits.
+    stranger = {"kubernetes.io/metadata.name": "other"}
+    open_ = [label for label, t in all_pods(objects) if ingress_allowed(objects, {}, labels_of(t), 1, stranger)]
+    assert not open_, f"reachable from anywhere: {open_}"
+
+
+# --- images and Dockerfiles ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def built_images() -> dict[str, str]:
+    """Image -> Dockerfile, from deploy/docker/build.sh run against a fake `docker` that only records."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "log"
+        fake = Path(tmp) / "docker"
+        fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+        fake.chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if k not in {"IMAGE_REGISTRY", "IMAGE_TAG", "PUSH"}}
+        proc = subprocess.run(
+            ["bash", str(DOCKER / "build.sh")],
+            env=env | {"DOCKER": str(fake)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = {}
+        for line in log.read_text().splitlines():
+            args = shlex.split(line)
+            if args[0] == "build":
+                out[args[args.index("-t") + 1]] = args[args.index("-f") + 1]
+        return out
+
+
+def test_build_script_without_a_docker_engine_builds_nothing_and_says_so():
+    proc = subprocess.run(
+        ["bash", str(DOCKER / "build.sh")],
+        env={"PATH": "/usr/bin:/bin", "DOCKER": "/nonexistent/docker"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0 and "NOTHING WAS BUILT" in proc.stdout, proc
+
+
+def test_makefile_images_target_runs_the_build_script():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^images:.*## .+$", makefile, re.M), "no `images` target with a ## help text"
+    assert re.search(r"^\.PHONY:.*\bimages\b", makefile, re.M), "`images` is not .PHONY"
+    assert "deploy/docker/build.sh" in makefile
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_every_image_is_built_here_or_a_pinned_third_party(name):
+    built = built_images()
+    for label, template in all_pods(render(name)):
+        for c in containers(template):
+            image = c["image"]
+            repo, tag = image_name(image)
+            if repo.startswith(OUR_REGISTRY):
+                assert image in built, (
+                    f"{label} {c['name']}: {image} is not built by deploy/docker/build.sh ({sorted(built)})"
+                )
+                assert tag == PROJECT_VERSION, f"{image}: tag is not the project version {PROJECT_VERSION}"
+            else:
+                assert repo in THIRD_PARTY_IMAGES, f"{label}: unknown image {image}"
+                assert tag != "latest" and re.search(r"\d", tag), f"{label}: {image} is not pinned"
+
+
+def test_service_images_run_what_the_dockerfile_runs():
+    objects = world("base")
+    for service in SERVICES:
+        container = main_container(objects, "Deployment", service)
+        repo, _ = image_name(container["image"])
+        assert repo == OUR_REGISTRY + service
+        cmd = re.findall(r"^CMD (\[.*\])$", dockerfile(service), re.M)
+        assert cmd and yaml.safe_load(cmd[-1]) == ["fleet", "serve", service] == container["command"], service
+        # `fleet serve <service>` imports services.<service>.main and calls run().
+        assert service in cli_services(), f"`fleet serve` does not know {service}"
+        main = importlib.import_module(f"services.{service.replace('-', '_')}.main")
+        assert callable(getattr(main, "run", None)), f"services.{service.replace('-', '_')}.main has no run()"
+
+
+def cli_services() -> tuple[str, ...]:
+    from services import cli
+
+    return cli.SERVICES
+
+
+def _stages(text: str) -> list[str]:
+    return re.split(r"^(?=FROM )", text, flags=re.M)[1:]
+
+
+def test_dockerfiles_build_the_stubs_from_specs_and_run_as_non_root():
+    files = sorted(DOCKER.glob("*.Dockerfile"))
+    assert {f.stem for f in files} >= {*SERVICES, "e2e", "ray"}
+    builders = set()
+    dev_pin = next(
+        d
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+        if d.startswith("grpcio-tools")
+    )
+    for f in files:
+        text = f.read_text()
+        stages = _stages(text)
+        assert len(stages) >= 2, f"{f.name}: not multi-stage"
+        if f.stem != "vllm-cpu":  # vllm-cpu is not our code (overlays/cpu): no stubs, its own builder
+            builder = next(
+                s for s in stages if s.startswith("FROM python:3.11-slim") and " AS builder" in s.splitlines()[0]
+            )
+            builders.add("\n".join(line for line in builder.splitlines() if line.strip() and not line.startswith("#")))
+            assert "./scripts/gen_protos.sh" in builder and "COPY specs/ specs/" in builder, (
+                f"{f.name}: stubs not generated"
+            )
+            assert dev_pin in builder, f"{f.name}: grpcio-tools pin differs from pyproject's {dev_pin}"
+        assert not re.search(r"^COPY\s+(\S+\s+)*gen\b", text, re.M), f"{f.name}: copies gen/ instead of generating it"
+        runtime = stages[-1]
+        assert runtime.startswith("FROM python:3.11-slim"), f"{f.name}: runtime is not python:3.11-slim"
+        users = re.findall(r"^USER (\S+)$", runtime, re.M)
+        assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", f"{f.name}: USER {users}"
+        assert "COPY --from=" in runtime, f"{f.name}: runtime copies nothing from a build stage"
+    assert len(builders) == 1, "the builder stage differs between the Dockerfiles: keep them identical"
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert "gen" in ignore and ".venv" in ignore, "the build context must leave out gen/ and .venv/"
+
+
+# --- secrets --------------------------------------------------------------------------------------------------
+
+
+def _readme() -> str:
+    return (K8S / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_no_plaintext_secrets(name):
+    objects = list(render(name))
+    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by hand (README), never rendered"
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            for key, value in obj.get("data", {}).items():
+                assert not SECRETISH.search(key), f"ConfigMap {obj['metadata']['name']}: {key} looks like a secret"
+                assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), (
+                    f"ConfigMap {obj['metadata']['name']}: {key} has credentials"
+                )
+    for label, template in all_pods(objects):
+        for c in containers(template):
+            from_secret = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            for e in c.get("env", []):
+                if "value" not in e:
+                    continue
+                value = e["value"]
+                assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), f"{label} {e['name']}: credentials in a URL"
+                if SECRETISH.search(e["name"]):
+                    # Only references to variables that come from a Secret, e.g. NEO4J_AUTH=$(AUTH_USER)/$(AUTH_PASSWORD).
+                    refs = re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value)
+                    rest = re.sub(r"\$\([A-Za-z_][A-Za-z0-9_]*\)", "", value)
+                    assert refs and set(refs) <= from_secret and not re.search(r"[A-Za-z0-9]", rest), (
+                        f"{label} {c['name']}: {e['name']} has a literal value"
+                    )
+
+
+def test_every_required_secret_is_documented_with_a_create_command():
+    readme = _readme()
+    refs = set()
+    for name in kustomizations():
+        for _, template in all_pods(render(name)):
+            for c in containers(template):
+                for e in c.get("env", []):
+                    ref = e.get("valueFrom", {}).get("secretKeyRef")
+                    if ref and not ref.get("optional"):
+                        refs.add((ref["name"], ref["key"]))
+    assert refs, "no Secret referenced: the Neo4j credentials must come from one"
+    commands = re.findall(r"kubectl[^\n]*create secret generic (\S+)((?:[^\n]*\\\n)*[^\n]*)", readme)
+    documented = {
+        (secret, key) for secret, rest in commands for key in re.findall(r"--from-literal=([A-Z0-9_]+)=", rest)
+    }
+    assert refs <= documented, (
+        f"Secrets without a `kubectl create secret` command in the README: {sorted(refs - documented)}"
+    )
+
+
+# --- Jobs ----------------------------------------------------------------------------------------------------
+
+
+def _click_command(path: list[str]):
+    import typer.main
+
+    from services import cli
+
+    command = typer.main.get_command(cli.app)
+    for part in path:
+        assert hasattr(command, "commands") and part in command.commands, f"`fleet {' '.join(path)}` does not exist"
+        command = command.commands[part]
+    return command
+
+
+def test_init_streams_job_runs_fleet_streams_init():
+    objects = world("base")
+    job = the(objects, "Job", "nats-init-streams")
+    container = main_container(objects, "Job", "nats-init-streams")
+    assert [*container["command"], *container.get("args", [])] == ["fleet", "streams", "init"]
+    _click_command(["streams", "init"])
+    assert job["spec"]["backoffLimit"] >= 1, "a bounded retry of the provisioning"
+
+
+def test_init_councils_job_runs_fleet_councils_init_with_a_bounded_wait():
+    objects = world("base")
+    container = main_container(objects, "Job", "orchestrator-init-councils")
+    command = [*container["command"], *container.get("args", [])]
+    assert command[:3] == ["fleet", "councils", "init"]
+    click = _click_command(["councils", "init"])
+    ctx = click.make_context("init", command[3:])  # fails on an option the CLI does not have
+    assert 0 < ctx.params["wait_seconds"] <= 1800
+
+
+def _fleet_wait():
+    spec = importlib.util.spec_from_file_location("fleet_wait", DOCKER / "fleet_wait.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_wait_containers_use_valid_fleet_wait_commands_with_a_bound(name):
+    wait = _fleet_wait()
+    seen = 0
+    for label, template in all_pods(render(name)):
+        for c in template["spec"].get("initContainers", []):
+            command = [*c.get("command", []), *c.get("args", [])]
+            if command[:1] != ["fleet-wait"]:
+                continue
+            seen += 1
+            args = wait.build_parser().parse_args(command[1:])  # SystemExit on a wrong command line
+            assert 0 < args.timeout <= 1800, f"{label} {c['name']}: unbounded or absurd wait {command}"
+            if args.kind != "streams":
+                wait.make_check(args.kind, args.target)  # SystemExit on a missing or malformed target
+    if name in {"base", "e2e"}:
+        assert seen, f"{name}: no bounded wait for a dependency"
+
+
+# --- infrastructure ------------------------------------------------------------------------------------------
+
+
+def _args(container: dict[str, Any]) -> dict[str, str]:
+    """--flag value / --flag=value pairs of a command line (flags without a value map to '')."""
+    items = [*container.get("command", []), *container.get("args", [])]
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            flag, eq, value = item.partition("=")
+            if eq:
+                out[flag] = value
+            elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+                out[flag] = items[i + 1]
+                i += 1
+            else:
+                out[flag] = ""
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("name", [k for k in kustomizations() if k != "e2e"])
+def test_vllm_serves_qwen3_with_probes_that_fit_model_load(name):
+    objects = world(name)
+    container = main_container(objects, "Deployment", "vllm")
+    args = _args(container)
+    assert args.get("--model") == "Qwen/Qwen3-0.6B"
+    assert args.get("--reasoning-parser") == "qwen3"
+    config = the(objects, "ConfigMap", "fleet-config")["data"]
+    assert args.get("--served-model-name", args["--model"]) == config["VLLM_MODEL"], "clients ask for another model"
+    gpus = {str(container["resources"].get(part, {}).get("nvidia.com/gpu")) for part in ("requests", "limits")}
+    if "cpu" in name.split("/"):
+        assert gpus == {"None"}, f"{name}: asks for a GPU"
+        assert container["image"].startswith(OUR_REGISTRY + "vllm-cpu:")
+    else:
+        assert gpus == {"1"}, f"{name}: one GPU (nvidia.com/gpu: 1), got {gpus}"
+    port = int(args.get("--port", "8000"))
+    assert port_number(container, "http") == port
+    svc_port = next(p["port"] for p in the(objects, "Service", "vllm")["spec"]["ports"])
+    assert config["VLLM_URL"] == f"http://vllm:{svc_port}"
+    startup = container["startupProbe"]
+    for _, probe in probes(container):
+        assert probe["httpGet"]["path"] == "/health" and port_number(container, probe["httpGet"]["port"]) == port
+    # Downloading and loading the weights, then warming up, takes minutes: allow at least 10 before restarting.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    env = effective_env(container, objects)
+    cache = next(p for p in mounts if env["HF_HOME"].startswith(p + "/"))
+    volumes = {
+        v["name"]: v for v in next(t for _, t in pod_templates(the(objects, "Deployment", "vllm")))["spec"]["volumes"]
+    }
+    assert "persistentVolumeClaim" in volumes[mounts[cache]], "the model cache must outlive the pod"
+
+
+def _quantity(text: str) -> int:
+    units = {
+        "": 1,
+        "K": 1000,
+        "M": 1000**2,
+        "G": 1000**3,
+        "T": 1000**4,
+        "KI": 1024,
+        "MI": 1024**2,
+        "GI": 1024**3,
+        "TI": 1024**4,
+        "KB": 1000,
+        "MB": 1000**2,
+        "GB": 1000**3,
+        "TB": 1000**4,
+    }
+    m = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", str(text).strip())
+    assert m, text
+    return int(m[1]) * units[m[2].upper()]
+
+
+def test_nats_has_jetstream_fsync_always_and_room_for_every_stream(monkeypatch):
+    from services.common import events
+    from services.common.settings import FleetSettings
+
+    objects = world("base")
+    sts = the(objects, "StatefulSet", "nats")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    config_volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    cm = the(objects, "ConfigMap", config_volume["configMap"]["name"])
+    conf_path = _args(container)["--config"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    conf = cm["data"][conf_path.removeprefix(mount["mountPath"] + "/")]
+    jetstream = re.search(r"jetstream\s*\{(.*?)\}", conf, re.S)
+    assert jetstream, "JetStream is not enabled"
+    block = jetstream[1]
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", block, re.M)
+    store = re.search(r"store_dir:\s*(\S+)", block)[1]
+    data = next(m for m in container["volumeMounts"] if store.startswith(m["mountPath"]))
+    claims = {c["metadata"]["name"]: c for c in sts["spec"]["volumeClaimTemplates"]}
+    assert data["name"] in claims, "JetStream's store_dir is not on the PVC"
+    # `fleet streams init` reserves STREAM_MAX_BYTES per stream: the server and the disk must hold them all.
+    job_env = effective_env(main_container(objects, "Job", "nats-init-streams"), objects)
+    settings = load_with_env(FleetSettings, job_env, monkeypatch)
+    need = settings.stream_max_bytes * len(events.STREAMS)
+    max_file = _quantity(re.search(r"max_file_store:\s*(\S+)", block)[1])
+    assert need <= max_file, f"streams need {need} bytes, max_file_store is {max_file}"
+    assert max_file <= _quantity(claims[data["name"]]["spec"]["resources"]["requests"]["storage"])
+    assert settings.stream_replicas <= sts["spec"]["replicas"]
+
+
+# --- pod hardening, PDBs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_pods_are_hardened_and_bounded(name):
+    problems = []
+    for label, template in all_pods(render(name)):
+        spec = template["spec"]
+        pod_sc = spec.get("securityContext", {})
+        if spec.get("enableServiceLinks") is not False:
+            problems.append(f"{label}: enableServiceLinks must be false (links inject *_PORT variables)")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{label}: automountServiceAccountToken must be false")
+        if spec.get("hostNetwork") or spec.get("hostPID") or any("hostPath" in v for v in spec.get("volumes", [])):
+            problems.append(f"{label}: host namespaces or hostPath")
+        mounts_tmp = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for c in containers(template):
+            sc = c.get("securityContext", {})
+            where = f"{label} {c['name']}"
+            if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+                problems.append(f"{where}: runAsNonRoot")
+            if sc.get("allowPrivilegeEscalation") is not False or sc.get("privileged"):
+                problems.append(f"{where}: allowPrivilegeEscalation must be false")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get("add"):
+                problems.append(f"{where}: capabilities must drop ALL and add none")
+            res = c.get("resources", {})
+            if not all(k in res.get(part, {}) for part in ("requests", "limits") for k in ("cpu", "memory")):
+                problems.append(f"{where}: cpu and memory requests and limits")
+            repo = image_name(c["image"])[0]
+            ours = repo.startswith(OUR_REGISTRY) and repo.removeprefix(OUR_REGISTRY) not in WRITABLE_ROOT_IMAGES
+            if ours:
+                if sc.get("readOnlyRootFilesystem") is not True:
+                    problems.append(f"{where}: readOnlyRootFilesystem (our images write only to /tmp)")
+                tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+                if not tmp or tmp[0]["name"] not in mounts_tmp:
+                    problems.append(f"{where}: needs an emptyDir on /tmp")
+    assert not problems, "\n".join(problems)
+
+
+def test_stateless_services_have_disruption_budgets():
+    objects = world("base")
+    pdbs = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    for service in SERVICES:
+        template = the(objects, "Deployment", service)["spec"]["template"]
+        assert any(selects(p["spec"]["selector"], labels_of(template)) for p in pdbs), f"{service}: no PDB"
+
+
+def test_monitoring_ingress_routes_to_the_dashboard():
+    objects = world("base")
+    ingress = the(objects, "Ingress", "monitoring")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    svc = the(objects, "Service", backend["name"])
+    port = next(
+        p
+        for p in svc["spec"]["ports"]
+        if p.get("name") == backend["port"].get("name") or p["port"] == backend["port"].get("number")
+    )
+    container = main_container(objects, "Deployment", "monitoring")
+    assert (
+        port_number(container, port["targetPort"])
+        == settings_class("monitoring").model_fields["monitoring_port"].default
+    )
+
+
+def test_ray_executor_joins_the_raycluster_in_client_mode():
+    objects = world("base")
+    rc = the(objects, "RayCluster", "fleet-ray")
+    address = the(objects, "ConfigMap", "fleet-config")["data"]["RAY_ADDRESS"]
+    assert address == f"ray://{rc['metadata']['name']}-head-svc:10001", address
