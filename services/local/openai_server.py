@@ -52,6 +52,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.local.processes import spawn
+
 log = logging.getLogger("fleet.local.openai_server")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -917,7 +919,7 @@ def start_openai_server(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
+        process = spawn(  # dies with its parent: a test run that crashes leaves no server behind
             command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=PROJECT_ROOT, env=env
         )
     handle = ServerHandle(url="", process=process, log_path=log_path)

@@ -388,6 +388,16 @@ def _pdeathsig_prefix(sig: int) -> list[str]:
     return [setpriv, "--pdeathsig", signal.Signals(sig).name.removeprefix("SIG"), "--"]
 
 
+def spawn(
+    argv: Sequence[str], *, die_with_parent: bool = True, stop_signal: int = signal.SIGTERM, **popen: Any
+) -> subprocess.Popen:
+    """`subprocess.Popen(argv, **popen)`; with `die_with_parent` the child gets `stop_signal` when this process
+    dies (setpriv --pdeathsig). Forked from one long-lived thread: Linux sends the parent-death signal when the
+    *thread* that forked the child ends, so children of short-lived threads would otherwise die early."""
+    argv = [*_pdeathsig_prefix(stop_signal), *argv] if die_with_parent else list(argv)
+    return _spawner.run(lambda: subprocess.Popen(argv, **popen))
+
+
 def _resolve_executable(program: str, env: Mapping[str, str]) -> str | None:
     if os.sep in program:
         return program if os.path.isfile(program) and os.access(program, os.X_OK) else None
@@ -463,23 +473,22 @@ class ManagedProcess:
             try:
                 if _resolve_executable(self.argv[0], env) is None:
                     raise FileNotFoundError(f"no executable {self.argv[0]!r}")
-                argv = [*_pdeathsig_prefix(self.stop_signal), *self.argv] if self.die_with_parent else self.argv
-                self._popen = _spawner.run(
-                    lambda: subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        cwd=self.cwd,
-                        start_new_session=True,
-                    )
+                self._popen = spawn(
+                    self.argv,
+                    die_with_parent=self.die_with_parent,
+                    stop_signal=self.stop_signal,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.cwd,
+                    start_new_session=True,
                 )
             except OSError as e:
                 log_file.write(f"cannot execute {self.argv[0]}: {e}\n".encode())
                 log_file.close()
                 raise ProcessStartError(self.name, f"cannot execute: {e}", None, self.log_path, self.read_log()) from e
-            if argv is not self.argv:  # let setpriv exec the real program, so the recorded command line is its own
+            if self.die_with_parent:  # let setpriv exec the real program, so the recorded command line is its own
                 wait_exec(self._popen.pid, self.argv)
             log.debug("started %s pid %d: %s", self.name, self._popen.pid, self.argv)
             return self
