@@ -119,7 +119,9 @@ def test_subject_matching():
 
 
 # (`vllm.entrypoints...` is vLLM's Python module, not a subject.)
-SUBJECT_LITERAL = re.compile(r"""["'](planning|orchestration|agent|context|vllm|deadletter)\.(?!entrypoints)[a-z_*>{]""")
+SUBJECT_LITERAL = re.compile(
+    r"""["'](planning|orchestration|agent|context|vllm|deadletter)\.(?!entrypoints)[a-z_*>{]"""
+)
 
 
 def test_no_subject_is_spelled_outside_the_catalog():
