@@ -115,9 +115,12 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     try:
         server = start_vllm("qwen3-tiny", tmp_path_factory.mktemp("vllm"))
     except VLLMNotInstalled as e:
-        pytest.fail(str(e), pytrace=False)
-    yield server
-    server.stop()
+        missing = str(e)
+    else:
+        yield server
+        server.stop()
+        return
+    pytest.fail(missing, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -321,6 +321,15 @@ class VLLMClient:
                     if chunk.get("error"):
                         error = chunk["error"]
                         text = error.get("message") if isinstance(error, dict) else error
+                        code = error.get("code") if isinstance(error, dict) else None
+                        # a server failure (e.g. its engine died while stopping) is UNAVAILABLE, like an HTTP 5xx
+                        if isinstance(code, int) and code in RETRYABLE_STATUS:
+                            if content:
+                                raise Unavailable(
+                                    f"stream from vLLM at {self.base_url} broke after {len(content)} deltas: "
+                                    f"HTTP {code}: {text}"
+                                )
+                            raise _Retryable(f"HTTP {code} mid-stream: {text}")
                         raise LLMError(f"vLLM at {self.base_url} failed mid-stream: {text}")
                     model = str(chunk.get("model") or model)
                     if chunk.get("usage"):

