@@ -366,13 +366,15 @@ class DeliberationEngine:
         # selection is the first to need them), so they stay off the deliberation's critical path.
         checking = asyncio.ensure_future(self._check(r))
         try:
-            await self._score(r)
+            no_votes = await self._score(r)
         except BaseException:
             checking.cancel()
             with contextlib.suppress(BaseException):
                 await checking
             raise
         await checking
+        if no_votes:  # a ranking without any peer judgement is no deliberation (e.g. the LLM went away)
+            raise _Stop(no_votes)
         r.ranked = self._rank(r)
         await self._select(r)
 
@@ -475,10 +477,11 @@ class DeliberationEngine:
                 )
             note.detail = f"checked {len(proposals)} proposals"
 
-    async def _score(self, r: _Run) -> None:
+    async def _score(self, r: _Run) -> str:
         """Each agent scores every proposal but its own, in one call. Voter i sees the proposals in council order
         rotated to start after itself (author k at position (k - i - 1) mod n), so when every agent proposed,
-        each proposal is shown once in every position; labels (A, B, ...) follow the position, not the author."""
+        each proposal is shown once in every position; labels (A, B, ...) follow the position, not the author.
+        Returns why nobody voted when every scoring call failed, else ""."""
         n = len(r.agents)
         order = {a.agent_id: i for i, a in enumerate(r.agents)}
         rubric = r.task.constraints.rubric
@@ -505,7 +508,8 @@ class DeliberationEngine:
         async with self._phase(r, Phase.SCORE) as note:
             if not calls:
                 note.detail = "skipped: no agent has a peer's proposal to score"
-                return
+                return ""
+            failures_before = len(r.failures)
             names = dict(zip(r.keys, (c.name for c in rubric), strict=True))
             answered = await self._fan_out(
                 r, Phase.SCORE, calls, lambda call, text: parse_scores(text, list(shown[call.request_id]), r.keys)
@@ -523,6 +527,10 @@ class DeliberationEngine:
                         )
                     )
             note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes"
+        if answered:
+            return ""
+        first = r.failures[failures_before].error if len(r.failures) > failures_before else "no answer"
+        return f"no peer judgement: all {len(calls)} agents failed in SCORE: {first}"
 
     async def _select(self, r: _Run) -> None:
         async with self._phase(r, Phase.SELECT) as note:

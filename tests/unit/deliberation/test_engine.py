@@ -342,6 +342,19 @@ async def test_invalid_scores_are_rejected_and_recorded(council, architect):
     assert not any(v.voter_id == "agent-dev-001" for r in result.results for v in r.votes)
 
 
+
+async def test_no_peer_judgement_at_all_fails_the_deliberation_keeping_what_is_known(council, architect):
+    """The LLM went away after the proposals: a ranking on checks alone would pose as a deliberation."""
+
+    def fail(request):
+        return Unavailable("vLLM down") if request.schema_name == "scores" else None
+
+    result = await deliberate(ScriptedLLM(fail=fail), make_task(), council, architect)
+    assert result.status == DeliberationStatus.FAILED
+    assert result.error_message.startswith("no peer judgement: all 3 agents failed in SCORE: LLM unavailable")
+    assert len(result.results) == 3 and all(r.checks for r in result.results)  # partial results kept
+    assert result.selection is not None and result.selection.method == "FALLBACK"
+    assert Phase.SELECT not in result.phase_durations_ms
 async def test_each_phase_runs_its_calls_concurrently(council, architect):
     llm = ScriptedLLM(delay=0.2)
     result = await deliberate(llm, make_task(), council, architect)
