@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[local,dev]'
 	./scripts/install_chromium.sh
 	@touch $(STAMP)
+
+demo: llm ## The main job: install what is missing, bring the whole fleet up, deliberate on a sample plan (Ctrl-C stops)
+	$(BIN)/fleet demo $(DEMO_ARGS)
 
 setup: $(STAMP) ## Create .venv and install the project, its local servers and the dev tools
 	@echo "ready: $(VENV) (try: $(BIN)/fleet --help)"
@@ -41,6 +45,7 @@ lint: $(STAMP) ## ruff, buf lint, buf breaking against main
 
 test: $(STAMP) ## Lint, check generated contracts, run every test (real servers started by the fixtures)
 	$(MAKE) --no-print-directory lint contracts-check
+	$(BIN)/fleet llm setup  # the real vLLM the LLM and e2e tests use: seconds once cached
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## Unit tests only (no servers)
@@ -49,14 +54,26 @@ test-unit: $(STAMP) ## Unit tests only (no servers)
 bench-bus: $(STAMP) ## Event bus throughput: our adapter vs raw nats-py in the same run
 	$(PY) -m bench.bench_bus
 
+bench-deliberation: $(STAMP) ## One deliberation vs its LLM critical path; five roles vs one (fixed-delay LLM)
+	$(PY) -m bench.bench_deliberation
+
 bench-context: $(STAMP) ## Context rehydration latency: cold (graph) vs cached (Valkey), same run
 	$(PY) -m bench.bench_context
+
+bench-ray: $(STAMP) ## Ray overhead per deliberation: in-process vs Ray executor, side by side (200 ms LLM)
+	$(PY) -m bench.bench_ray
 
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*
 
 infra: $(STAMP) ## Start NATS, Valkey and FalkorDB on free loopback ports until Ctrl-C
 	$(BIN)/fleet infra up
+
+llm: $(STAMP) ## Install vLLM (CPU) in its own venv and build the local models (once, cached)
+	$(BIN)/fleet llm setup
+
+images: ## Build the container images (deploy/docker/*.Dockerfile) where a Docker engine answers; else say so
+	./deploy/docker/build.sh
 
 clean: ## Remove caches and local run state (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .fleet build *.egg-info test-artifacts
@@ -65,4 +82,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help setup protos events contracts-check lint test test-unit bench-bus bench-context infra clean distclean
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray infra llm clean distclean images

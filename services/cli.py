@@ -25,10 +25,12 @@ app = typer.Typer(help="SWE AI Fleet: councils of LLM agents deliberating on sof
 streams_app = typer.Typer(help="JetStream streams of the event catalog.", no_args_is_help=True)
 events_app = typer.Typer(help="The event catalog's exported contracts.", no_args_is_help=True)
 infra_app = typer.Typer(help="Local infrastructure: NATS, Valkey, FalkorDB on loopback.", no_args_is_help=True)
+llm_app = typer.Typer(help="The local LLM: vLLM (CPU) in its own venv, two cached models.", no_args_is_help=True)
 councils_app = typer.Typer(help="Councils of the orchestrator (reads ORCHESTRATOR_ADDRESS).", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
 app.add_typer(events_app, name="events")
 app.add_typer(infra_app, name="infra")
+app.add_typer(llm_app, name="llm")
 app.add_typer(councils_app, name="councils")
 
 console = Console()
@@ -168,6 +170,180 @@ def infra_down(
         console.print(f"{name}: {what}")
 
 
+# --- llm -----------------------------------------------------------------------------------------------------
+
+
+@llm_app.command("setup")
+def llm_setup(
+    force: Annotated[bool, typer.Option(help="reinstall and rebuild even if the cache is complete")] = False,
+) -> None:
+    """Install vLLM (CPU) in its own venv and build the local models (once, cached outside the repository)."""
+    from services.local.vllm import setup
+
+    started = datetime.now(UTC)
+    report = setup(force=force, echo=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    took = (datetime.now(UTC) - started).total_seconds()
+    console.print(f"vLLM ready in {report.cache} ({took:.1f}s; already done: {', '.join(report.skipped) or 'none'})")
+
+
+@llm_app.command("serve")
+def llm_serve(
+    model: Annotated[str, typer.Option(help="qwen3-tiny | smollm2-135m")] = "smollm2-135m",
+    port: Annotated[int | None, typer.Option(help="default: a free loopback port")] = None,
+    log_dir: Annotated[Path, typer.Option(help="the server log goes here")] = ROOT / ".fleet" / "llm",
+) -> None:
+    """Start the real vLLM OpenAI-compatible server on loopback until Ctrl-C (stopped by PID)."""
+    from services.local.processes import ProcessStartError
+    from services.local.vllm import MODELS, VLLMNotInstalled, start_vllm
+
+    if model not in MODELS:
+        raise _fail(f"unknown model {model!r}; one of: {', '.join(MODELS)}", 2)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"starting vLLM with {model} (1-2 min on 2 CPU cores; log in {log_dir}) ...")
+    try:
+        server = start_vllm(model, log_dir, port)
+    except VLLMNotInstalled as e:
+        raise _fail(str(e)) from None
+    except ProcessStartError as e:
+        raise _fail(str(e)) from None
+    try:
+        console.print(f"vLLM ready in {server.started_in:.0f}s (pid {server.pid})")
+        console.print(f"  export VLLM_URL={server.url}")
+        console.print(f"  export VLLM_MODEL={server.model}")
+        console.print("[dim]Ctrl-C stops it.[/dim]")
+        sys.stdout.flush()
+        while not stop.wait(1.0):
+            if not server.alive():
+                raise _fail(f"vLLM exited; see {server.log_path}")
+    finally:
+        server.stop()
+    console.print("stopped")
+
+
+# --- the whole fleet ------------------------------------------------------------------------------------------
+
+ModelOption = Annotated[str, typer.Option(help="local model for vLLM: smollm2-135m (real weights) or qwen3-tiny")]
+LlmUrlOption = Annotated[str, typer.Option("--llm-url", help="use this OpenAI-compatible server instead of vLLM")]
+LlmModelOption = Annotated[str, typer.Option("--llm-model", help="the model name to ask --llm-url for")]
+ExecutorOption = Annotated[str, typer.Option(help="where agent calls run: ray (the ray-executor) or in-process")]
+FleetDirOption = Annotated[Path, typer.Option("--base-dir", help="logs, state and endpoints.json go here")]
+
+
+def _start_fleet(base_dir: Path, model: str, llm_url: str, llm_model: str, executor: str):
+    """Start a LocalFleet with a live status table; SIGTERM stops it as Ctrl-C does."""
+    from rich.live import Live
+
+    from services.local.fleet import FleetOptions, LocalFleet, rows
+    from services.local.processes import ProcessStartError
+
+    if executor not in ("ray", "in-process"):
+        raise _fail(f"--executor: must be ray or in-process, got {executor!r}", 2)
+
+    def table(fleet: LocalFleet) -> Table:
+        t = Table("component", "endpoint", "state", title=f"fleet ({fleet.log_dir} has the logs)")
+        for name, address, state in rows(fleet):
+            colour = "green" if state.startswith("ready") else "red" if state == "failed" else "yellow"
+            t.add_row(name, address, f"[{colour}]{state}[/{colour}]")
+        return t
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `fleet down` / kill: stop cleanly, by PID
+    options = FleetOptions(base_dir=base_dir, model=model, llm_url=llm_url, llm_model=llm_model, executor=executor)
+    fleet = LocalFleet(options)
+    with Live(table(fleet), console=console, refresh_per_second=4, transient=False) as live:
+        fleet.on_change = lambda f: live.update(table(f))
+        try:
+            fleet.start()
+        except ProcessStartError as e:
+            raise _fail(str(e)) from None
+        except (RuntimeError, FleetError) as e:
+            raise _fail(str(e)) from None
+    console.print()
+    return fleet
+
+
+@app.command()
+def up(
+    model: ModelOption = "smollm2-135m",
+    llm_url: LlmUrlOption = "",
+    llm_model: LlmModelOption = "",
+    executor: ExecutorOption = "ray",
+    base_dir: FleetDirOption = ROOT / ".fleet",
+) -> None:
+    """Start the whole fleet on free loopback ports (NATS, Valkey, FalkorDB, Ray, vLLM and the four services)
+    until Ctrl-C; writes the endpoints to <base-dir>/endpoints.json. `fleet down` stops it from elsewhere."""
+    fleet = _start_fleet(base_dir, model, llm_url, llm_model, executor)
+    try:
+        console.print(f"endpoints: {fleet.base_dir / 'endpoints.json'}")
+        console.print(f"dashboard: [bold]{fleet.endpoints['monitoring']}[/bold]   Ctrl-C stops everything.")
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    console.print("stopped")
+
+
+@app.command()
+def down(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
+    """Stop a fleet started by `fleet up` or `fleet demo` (e.g. in the background), by the PIDs it recorded."""
+    from services.local.fleet import stop_fleet
+
+    outcome = stop_fleet(base_dir)
+    if not outcome:
+        console.print(f"nothing to stop: no fleet state in {base_dir}")
+    for name, what in outcome.items():
+        console.print(f"{name}: {what}")
+
+
+@app.command()
+def demo(
+    once: Annotated[bool, typer.Option("--once", help="stop the fleet and exit after the results")] = False,
+    model: ModelOption = "smollm2-135m",
+    llm_url: LlmUrlOption = "",
+    llm_model: LlmModelOption = "",
+    executor: ExecutorOption = "ray",
+    base_dir: FleetDirOption = ROOT / ".fleet",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the deliberations")] = 900.0,
+) -> None:
+    """Bring the fleet up, approve a sample plan (DEV + QA), follow the deliberations and print the winners.
+    Exits non-zero when a deliberation did not complete."""
+    from fleet.deliberation.v1 import deliberation_pb2 as dpb
+    from services.local.demo import follow, sample_plan
+
+    fleet = _start_fleet(base_dir, model, llm_url, llm_model, executor)
+    failed = False
+    try:
+        approval = sample_plan()
+        console.print(
+            f"approving plan {approval.plan_id} of story {approval.story_id} for "
+            f"{', '.join(str(r) for r in approval.roles or [])}: `fleet approve-plan` does the same"
+        )
+        try:
+            results = _run(
+                follow(fleet.endpoints, approval, lambda line: console.print(line, highlight=False), timeout)
+            )
+        except FleetError as e:
+            err.print(f"[red]error:[/red] {e}")
+            results, failed = [], True
+        for result in results:  # type: ignore[union-attr]
+            console.rule(f"{result.role} · {result.task_id}")
+            print_result(result)
+            failed |= result.status != dpb.DELIBERATION_STATUS_COMPLETED
+        console.print(f"dashboard: [bold]{fleet.endpoints['monitoring']}[/bold]")
+        if not once:
+            console.print("the fleet keeps running; Ctrl-C stops everything.")
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    console.print("stopped" + (" — some deliberations did not complete" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
 # --- approve-plan ----------------------------------------------------------------------------------------------
 
 
@@ -185,8 +361,6 @@ def approve_plan(
 ) -> None:
     """Publish a valid planning.plan.approved (reads NATS_URL)."""
     from pydantic import ValidationError
-
-    from services.common.bus import EventBus
 
     tasks = []
     for item in task or []:
@@ -211,16 +385,9 @@ def approve_plan(
             2,
         ) from None
 
-    async def go() -> str:
-        bus = await EventBus.connect(load_settings(FleetSettings), catalog.PO_UI)
-        try:
-            event = catalog.make_event(payload, catalog.PO_UI, correlation_id=f"{story}:{plan}"[:128])
-            ack = await bus.publish(event)
-            return f"published {event.event_type} {event.event_id} (stream {ack.stream}, seq {ack.seq})"
-        finally:
-            await bus.close()
+    from services.local.demo import publish_approval
 
-    console.print(_run(go()))
+    console.print(_run(publish_approval(load_settings(FleetSettings).nats_url, payload)))
 
 
 # --- councils and deliberations (gRPC clients of the orchestrator) ----------------------------------------------
@@ -351,6 +518,15 @@ def print_result(result) -> None:
             f"winner: [bold]{result.winner_id}[/bold] (chosen by {method} {result.selection.selected_by}): "
             f"{result.selection.rationale}"
         )
+        winner = next((r for r in result.results if r.proposal.author_id == result.winner_id), None)
+        if winner is not None:
+            console.print(
+                f"winner's score {winner.score:.2f} (peers {winner.peer_score:.2f}, checks {winner.check_score:.2f})"
+            )
+            for c in winner.checks:
+                mark = "[green]✓[/green]" if c.passed and c.applicable else "[red]✗[/red]" if c.applicable else "-"
+                found = f": {'; '.join(f.message for f in c.findings[:3])}" if c.findings else ""
+                console.print(f"  {mark} {c.name} {c.detail}{found}", highlight=False)
 
 
 def main() -> None:
