@@ -139,6 +139,7 @@ async def test_concurrent_seeded_long_prompts_all_answer(qwen: VLLMClient) -> No
         assert all(a.usage.prompt_tokens > 1200 and a.content for a in answers)
     assert await qwen.health()
 
+
 async def test_thinking_off_gives_content_and_on_gives_reasoning(qwen: VLLMClient) -> None:
     off = await qwen.complete(request("think-off", enable_thinking=False))
     assert off.content.strip(), off

@@ -342,7 +342,6 @@ async def test_invalid_scores_are_rejected_and_recorded(council, architect):
     assert not any(v.voter_id == "agent-dev-001" for r in result.results for v in r.votes)
 
 
-
 async def test_no_peer_judgement_at_all_fails_the_deliberation_keeping_what_is_known(council, architect):
     """The LLM went away after the proposals: a ranking on checks alone would pose as a deliberation."""
 
@@ -355,6 +354,8 @@ async def test_no_peer_judgement_at_all_fails_the_deliberation_keeping_what_is_k
     assert len(result.results) == 3 and all(r.checks for r in result.results)  # partial results kept
     assert result.selection is not None and result.selection.method == "FALLBACK"
     assert Phase.SELECT not in result.phase_durations_ms
+
+
 async def test_each_phase_runs_its_calls_concurrently(council, architect):
     llm = ScriptedLLM(delay=0.2)
     result = await deliberate(llm, make_task(), council, architect)
