@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from services.common.settings import FleetSettings
+from services.common.settings import RAY_ENV, FleetSettings
+
+# Tests import ray (directly or through the services) in this process, and some connect to a Ray head as drivers:
+# the Ray settings must be in the environment before the first import (see RAY_ENV).
+os.environ.update(RAY_ENV)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

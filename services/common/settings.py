@@ -46,6 +46,12 @@ class FleetSettings(BaseSettings):
 
 S = TypeVar("S", bound=BaseSettings)
 
+# Every Ray process (the head and every driver connecting to it) needs these (ENVIRONMENT.md): loopback-only
+# clusters, and no token auth picked up by surprise from ~/.ray/auth_token. A deployment that uses token auth sets
+# RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN) itself. A driver reads them when `ray` is first imported: a process
+# that imported ray before they were set hangs in ray.init (waiting for the GCS's cluster id).
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
 
 def load_settings(cls: type[S], **overrides: object) -> S:
     """Build settings from the environment; a bad variable raises SettingsError naming it."""

@@ -65,6 +65,7 @@ from services.deliberation.prompts import (
     parse_scores,
     parse_selection,
     revise_messages,
+    score_max_tokens,
     score_messages,
     score_schema,
     select_messages,
@@ -498,8 +499,7 @@ class DeliberationEngine:
             messages = score_messages(
                 r.system, voter, [(lab, p.content) for lab, p in zip(labs, candidates, strict=True)], rubric
             )
-            # A bounded answer: about 64 tokens of reason and punctuation plus 4 per criterion, per candidate.
-            max_tokens = max(r.task.constraints.max_tokens, len(candidates) * (64 + 4 * len(r.keys)) + 16)
+            max_tokens = max(r.task.constraints.max_tokens, score_max_tokens(len(candidates), r.keys))
             request = r.request(
                 voter, rid, messages, SCHEMA_SCORES, json_schema=score_schema(labs, r.keys), max_tokens=max_tokens
             )

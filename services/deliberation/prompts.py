@@ -230,6 +230,13 @@ def score_schema(candidate_labels: Sequence[str], keys: Sequence[str]) -> dict[s
     return _object({label: one for label in candidate_labels})
 
 
+def score_max_tokens(n_candidates: int, keys: Sequence[str]) -> int:
+    """Room for the longest answer `score_schema` allows, counted in characters (a token is at least one), so a
+    voter who fills every reason is never cut off: per candidate its label, the reason, each criterion's quoted
+    key and two-digit score, the punctuation."""
+    return n_candidates * (REASON_MAX + sum(len(k) + 6 for k in keys) + 24) + 16
+
+
 def selection_schema(candidate_labels: Sequence[str]) -> dict[str, Any]:
     return _object({"winner": {"type": "string", "enum": list(candidate_labels)}, "rationale": _string(RATIONALE_MAX)})
 

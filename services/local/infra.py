@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from services.common.settings import RAY_ENV
 from services.local.processes import (
     Component,
     ManagedProcess,
@@ -59,9 +60,6 @@ COMPONENTS = ("nats", "valkey", "falkordb", "ray")
 DEFAULT_COMPONENTS = ("nats", "valkey", "falkordb")
 STATE_FILE = "state.json"
 FALKORDB_USER = "falkordb"
-
-# Every Ray process (the head and every driver connecting to it) needs these; see ENVIRONMENT.md.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 class ComponentUnavailable(RuntimeError):

@@ -49,13 +49,10 @@ from prometheus_client import Counter, Histogram
 
 from services.common import events as ev
 from services.common.llm import LLMResponse, VLLMClient
+from services.common.settings import RAY_ENV
 from services.deliberation.engine import AgentCall, CallOutcome, ErrorKind, describe_error
 
 log = logging.getLogger("fleet.ray_executor")
-
-# Every Ray process needs these (ENVIRONMENT.md): loopback-only clusters, and no token auth picked up by surprise
-# from ~/.ray/auth_token. A deployment that uses token auth sets RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN) itself.
-RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 AGENT_CALLS = Counter("fleet_ray_agent_calls_total", "Agent calls run on the Ray agent pool", ["phase", "outcome"])
 AGENT_CALL_SECONDS = Histogram(
@@ -103,7 +100,7 @@ def connect_ray(
     A process already connected (a test session, an embedding program) is reused and not shut down by us.
     Blocking (seconds): call it from a thread.
     """
-    for key, value in RAY_ENV_DEFAULTS.items():
+    for key, value in RAY_ENV.items():  # before `import ray` (see RAY_ENV)
         os.environ.setdefault(key, value)
     import ray
 

@@ -299,7 +299,10 @@ async def test_concurrent_calls_overlap(client: VLLMClient, server: ServerHandle
     assert time.monotonic() - started < 1.0
     assert all(r.content for r in responses)
     stats = await server.astats()
-    assert stats["calls"] == 5 and stats["max_in_flight"] >= 5 and stats["in_flight"] == 0
+    assert stats["calls"] == 5 and stats["max_in_flight"] >= 5
+    async with asyncio.timeout(2):  # a streamed call ends on the server just after its client saw [DONE]
+        while (await server.astats())["in_flight"]:
+            await asyncio.sleep(0.01)
 
 
 async def test_models_and_health(client: VLLMClient) -> None:

@@ -3,8 +3,6 @@ a loopback OpenAI-compatible server, and the ray-executor served in-process over
 
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
 
@@ -16,8 +14,6 @@ from services.local import infra as infra_module
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """`ray start --head --block` on 127.0.0.1 with every port explicit (~8-20 s), for the whole session.
     4 logical CPUs: room for two services' agent pools (4 actors x 0.25 CPU each) at once."""
-    for key, value in infra_module.RAY_ENV.items():  # this process is a Ray driver too
-        os.environ[key] = value
     base = tmp_path_factory.mktemp("ray")
     head = infra_module.start_ray_head(base / "data", base / "logs", num_cpus=4)
     yield head

@@ -444,3 +444,15 @@ async def test_checks_run_while_the_peers_score(council, architect, monkeypatch)
     assert result.status == DeliberationStatus.COMPLETED
     assert result.phase_durations_ms[Phase.CHECK] >= 280 and result.phase_durations_ms[Phase.SCORE] >= 280
     assert wall < 5 * 0.3 + 0.25, wall  # five LLM phases; the checks' 0.3 s hidden under SCORE's
+
+
+def test_a_voter_using_every_character_the_score_schema_allows_is_not_cut_off():
+    """Guided decoding may fill each reason to its maxLength (a random-weight model does): the request leaves room
+    for it, counted in characters (every token is at least one)."""
+    from services.deliberation.prompts import REASON_MAX, SCORE_MAX, labels, score_max_tokens, score_schema
+
+    keys = ["correctness", "readability", "tests", "security"]
+    for n in (1, 2, 4):
+        schema = score_schema(labels(n), keys)
+        longest = {lab: {**{k: SCORE_MAX for k in keys}, "reason": "x" * REASON_MAX} for lab in schema["properties"]}
+        assert len(json.dumps(longest, separators=(",", ":"))) <= score_max_tokens(n, keys)
