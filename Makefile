@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[local,dev]'
-	./scripts/install_chromium.sh
+	./scripts/install_system_packages.sh
 	@touch $(STAMP)
 
 demo: llm ## The main job: install what is missing, bring the whole fleet up, deliberate on a sample plan (Ctrl-C stops)

@@ -158,6 +158,30 @@ async def test_handler_that_recovers_is_acked_once(bus: EventBus):
     assert len(attempts) == 2
 
 
+async def test_a_handler_longer_than_the_ack_wait_is_not_redelivered(settings: FleetSettings):
+    """Heartbeats keep a message while its handler runs. Without a seen-set to hide it, a redelivery would run the
+    handler a second time."""
+    runs = []
+
+    async def handler(env: c.Envelope) -> None:
+        runs.append(env.event_id)
+        await asyncio.sleep(settings.consumer_ack_wait_seconds * 2.5)
+
+    bus = await EventBus.connect(settings, "test-long")
+    try:
+        await provision_streams(bus.js, settings)
+        await bus.publish_many([approval("S-long-1"), approval("S-long-2")])
+        await bus.consume(SPEC, handler, concurrency=4)
+        await wait_for(lambda: len(runs) == 2)
+        info = await bus.js.consumer_info(SPEC.stream, SPEC.durable)
+        while info.num_ack_pending:
+            await asyncio.sleep(0.1)
+            info = await bus.js.consumer_info(SPEC.stream, SPEC.durable)
+        assert len(runs) == len(set(runs)) == 2
+    finally:
+        await bus.close()
+
+
 async def test_concurrent_handlers(bus: EventBus):
     active, peak = 0, 0
 
