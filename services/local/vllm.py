@@ -68,6 +68,7 @@ class ModelSpec:
     name: str
     served_as: str  # --served-model-name: what clients send as `model`
     args: tuple[str, ...] = ()  # extra server flags
+    max_model_len: int = 2048  # prompt + answer; an ARCHITECT's prompt holds the finalists' proposals
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -81,7 +82,7 @@ MODELS: dict[str, ModelSpec] = {
             '{"backend":"xgrammar","disable_any_whitespace":true}',
         ),
     ),
-    "smollm2-135m": ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", max_model_len=4096),
 }
 
 # Every process that touches transformers/vLLM here: never reach a model hub, no telemetry.
@@ -313,7 +314,7 @@ def vllm_command(python: Path, model_path: Path, spec: ModelSpec, port: int, ext
         "--served-model-name", spec.served_as,
         "--host", HOST,
         "--port", str(port),
-        "--max-model-len", "2048",
+        "--max-model-len", str(spec.max_model_len),
         "--enforce-eager",
         "--dtype", "float32",
         "--disable-log-stats",
