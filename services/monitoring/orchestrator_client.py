@@ -175,6 +175,7 @@ class DeliberationResult(BaseModel):
     failures: list[AgentFailure] = Field(default_factory=list)
     error_message: str = ""
     context_version: str = ""
+    context_note: str = Field("", description="why the council had no context from the context service, if it had none")
     total_tokens: int = 0
     executor: str = ""
     story_id: str = ""

@@ -393,6 +393,7 @@ async function showDeliberation(taskId, scroll) {
     h("p", { class: "muted" }, `${d.role} · council ${d.council_id} · deliberation ${d.deliberation_id} · story ${d.story_id || "-"} · ${d.executor || "?"} executor · ${(d.duration_ms / 1000).toFixed(1)} s · ${d.total_tokens} tokens${d.context_version ? " · context " + d.context_version : ""}`),
   ];
   if (d.error_message) parts.push(h("p", { class: "error" }, d.error_message));
+  if (d.context_note) parts.push(h("p", { class: "muted" }, `context: ${d.context_note}`));
   if (sel.winner_id) {
     parts.push(section("Winner", h("p", {}, h("strong", {}, sel.winner_id), ` chosen by ${sel.method}${sel.selected_by ? " (" + sel.selected_by + ")" : ""}`), h("blockquote", { class: "rationale" }, sel.rationale || "(no rationale)")));
   }

@@ -276,6 +276,7 @@ async def test_orchestrator_is_read_when_it_comes_back_and_missed_when_it_goes(
         result = (await client.get("/api/deliberations/T-1")).json()
         assert result["status"] == "COMPLETED" and result["deliberation_id"] == ran.deliberation_id
         assert result["winner_id"] == ran.winner_id and result["selection"]["method"] in ("ARCHITECT", "FALLBACK")
+        assert result["context_note"] == ran.context_note != ""  # no story: the council worked on the task alone
         assert [r["proposal"]["author_id"] for r in result["results"]] == [r.proposal.author_id for r in ran.results]
         assert len(result["results"][0]["proposal"]["revisions"]) == 2  # the original and the revision
         rubric = {c.name for c in task.constraints.rubric}
