@@ -446,6 +446,8 @@ EVENTS: dict[str, EventSpec] = {
 }
 
 PAYLOAD_TYPES: dict[type[Payload], EventSpec] = {e.payload: e for e in EVENTS.values()}
+# The envelope model of each event type, parametrised once (Envelope[X] on every message costs a cache lookup).
+ENVELOPES: dict[str, type[Envelope[Any]]] = {e.event_type: Envelope[e.payload] for e in EVENTS.values()}  # type: ignore[name-defined]
 
 CONSUMERS: dict[str, ConsumerSpec] = {
     c.durable: c
@@ -542,15 +544,15 @@ def parse_event(data: bytes, subject: str | None = None) -> Envelope[Any]:
     if not isinstance(raw, dict):
         raise InvalidEvent("not a JSON object")
     event_type = raw.get("event_type")
-    spec = EVENTS.get(event_type) if isinstance(event_type, str) else None
-    if spec is None:
+    model = ENVELOPES.get(event_type) if isinstance(event_type, str) else None
+    if model is None:
         raise InvalidEvent(f"unknown event_type {event_type!r}")
     try:
-        env = Envelope[spec.payload].model_validate_json(data, strict=True)  # type: ignore[name-defined]
+        env = model.model_validate_json(data, strict=True)
     except ValidationError as e:
-        raise InvalidEvent(f"invalid {spec.event_type}: {_describe(e)}") from None
+        raise InvalidEvent(f"invalid {event_type}: {_describe(e)}") from None
     if subject is not None and env.subject != subject:
-        raise InvalidEvent(f"event_type {spec.event_type} does not belong on subject {subject}")
+        raise InvalidEvent(f"event_type {event_type} does not belong on subject {subject}")
     return env
 
 
