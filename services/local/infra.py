@@ -128,16 +128,23 @@ def ray_binary() -> str:
 Plan = tuple[ManagedProcess, ReadyCheck, str, dict[str, str], dict[str, int]]
 
 
-def _launch(
-    plan: Callable[[], Plan], *, auto_ports: bool, timeout: float, group: ProcessGroup | None, attempts: int = 3
+def launch(
+    plan: Callable[[], Plan],
+    *,
+    auto_ports: bool,
+    timeout: float,
+    group: ProcessGroup | None,
+    attempts: int = 3,
+    **options: Any,
 ) -> Component:
-    """Start what `plan()` describes; with ports picked here, retry with new ones if one got taken meanwhile."""
+    """Start what `plan()` describes; with ports picked here, retry with new ones if one got taken meanwhile.
+    `options` go to `start_component` (interval, kind, fields)."""
     for attempt in range(attempts if auto_ports else 1):
         process, check, address, urls, ports = plan()
         try:
             if group is not None:
-                return group.start(process, check, address=address, urls=urls, ports=ports, timeout=timeout)
-            return start_component(process, check, address=address, urls=urls, ports=ports, timeout=timeout)
+                return group.start(process, check, address=address, urls=urls, ports=ports, timeout=timeout, **options)
+            return start_component(process, check, address=address, urls=urls, ports=ports, timeout=timeout, **options)
         except ProcessStartError as e:
             in_use = "in use" in e.log_tail.lower() or "address already" in e.log_tail.lower()
             if not (auto_ports and in_use and attempt + 1 < attempts):
@@ -188,7 +195,7 @@ def start_nats(
         urls = {"client": f"nats://{HOST}:{p}", "monitor": f"http://{HOST}:{m}"}
         return process, check, urls["client"], urls, {"client": p, "monitor": m}
 
-    return _launch(plan, auto_ports=port is None or monitor_port is None, timeout=timeout, group=group)
+    return launch(plan, auto_ports=port is None or monitor_port is None, timeout=timeout, group=group)
 
 
 # --- Valkey ---------------------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def start_valkey(
         url = f"redis://{HOST}:{p}/0"
         return process, resp_ping(p, HOST), url, {"client": url}, {"client": p}
 
-    return _launch(plan, auto_ports=port is None, timeout=timeout, group=group)
+    return launch(plan, auto_ports=port is None, timeout=timeout, group=group)
 
 
 # --- FalkorDB -------------------------------------------------------------------------------------------------
@@ -346,7 +353,7 @@ def start_falkordb(
         urls = {"bolt": bolt, "redis": f"redis://{HOST}:{p}/0"}
         return process, check, bolt, urls, {"redis": p, "bolt": b}
 
-    return _launch(plan, auto_ports=port is None or bolt_port is None, timeout=timeout, group=group)
+    return launch(plan, auto_ports=port is None or bolt_port is None, timeout=timeout, group=group)
 
 
 # --- Ray ------------------------------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ def start_ray_head(
             checks.append(ray_driver_connects(address, python, timeout=min(60.0, timeout)))
         return process, all_of(*checks), address, {"gcs": address}, ports
 
-    return _launch(plan, auto_ports=port is None, timeout=timeout, group=group)
+    return launch(plan, auto_ports=port is None, timeout=timeout, group=group)
 
 
 # --- all of them ----------------------------------------------------------------------------------------------

