@@ -367,15 +367,15 @@ class DeliberationEngine:
         # selection is the first to need them), so they stay off the deliberation's critical path.
         checking = asyncio.ensure_future(self._check(r))
         try:
-            no_votes = await self._score(r)
+            no_judgement = await self._score(r)
         except BaseException:
             checking.cancel()
             with contextlib.suppress(BaseException):
                 await checking
             raise
         await checking
-        if no_votes:  # a ranking without any peer judgement is no deliberation (e.g. the LLM went away)
-            raise _Stop(no_votes)
+        if no_judgement:  # the LLM went away: a ranking on checks alone is no deliberation
+            raise _Stop(no_judgement)
         r.ranked = self._rank(r)
         await self._select(r)
 
@@ -482,7 +482,8 @@ class DeliberationEngine:
         """Each agent scores every proposal but its own, in one call. Voter i sees the proposals in council order
         rotated to start after itself (author k at position (k - i - 1) mod n), so when every agent proposed,
         each proposal is shown once in every position; labels (A, B, ...) follow the position, not the author.
-        Returns why nobody voted when every scoring call failed, else ""."""
+        Returns why, when the LLM answered none of the scoring calls (it is down: no peer judgement at all), else
+        "". Answers that came back unusable are the voters' failures: the ranking then rests on what is known."""
         n = len(r.agents)
         order = {a.agent_id: i for i, a in enumerate(r.agents)}
         rubric = r.task.constraints.rubric
@@ -527,7 +528,7 @@ class DeliberationEngine:
                         )
                     )
             note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes"
-        if answered:
+        if answered or any(u.phase == Phase.SCORE for u in r.usage):  # usage is recorded for every LLM answer
             return ""
         first = r.failures[failures_before].error if len(r.failures) > failures_before else "no answer"
         return f"no peer judgement: all {len(calls)} agents failed in SCORE: {first}"

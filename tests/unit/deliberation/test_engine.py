@@ -356,6 +356,15 @@ async def test_no_peer_judgement_at_all_fails_the_deliberation_keeping_what_is_k
     assert Phase.SELECT not in result.phase_durations_ms
 
 
+async def test_unusable_scores_from_every_voter_leave_a_ranking_on_what_is_known(council, architect):
+    """The LLM answered, badly (a small model): the voters failed, not the deliberation."""
+    result = await deliberate(ScriptedLLM(answers={"scores": lambda request: "{}"}), make_task(), council, architect)
+    assert result.status == DeliberationStatus.COMPLETED
+    assert [f.phase for f in result.failures] == [Phase.SCORE] * 3
+    assert not any(r.votes for r in result.results) and all(r.checks for r in result.results)
+    assert result.selection is not None and result.winner_id
+
+
 async def test_each_phase_runs_its_calls_concurrently(council, architect):
     llm = ScriptedLLM(delay=0.2)
     result = await deliberate(llm, make_task(), council, architect)
