@@ -6,6 +6,7 @@ The adapter (`VLLMClient`, below the types) speaks vLLM's OpenAI-compatible chat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -136,6 +137,30 @@ def _describe(exc: httpx.HTTPError, timeout: float) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+async def _cancel_once(exchange: Awaitable[T], grace: float = 5.0) -> T:
+    """Await an HTTP exchange so that, however often the caller is cancelled, the exchange is cancelled once and
+    its clean-up (closing the connection, which tells the server to stop generating) runs to its end.
+
+    httpcore protects that clean-up with an anyio shield, which native asyncio cancellation passes through: a
+    second `Task.cancel()` landing while the first one's clean-up awaits (an `asyncio.timeout` and a Ray
+    `ray.cancel` of the same actor call, a few loop iterations apart) left the socket open and the server
+    generating for nobody (issue 17). Here the exchange runs in its own task; the caller's first cancellation is
+    passed on, later ones wait (up to `grace` seconds) for the clean-up to finish, then the caller is cancelled.
+    """
+    inner = asyncio.ensure_future(exchange)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        inner.cancel()
+        deadline = time.monotonic() + grace
+        while not inner.done() and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):  # absorbed: the one cancel is already on its way
+                await asyncio.wait({inner}, timeout=left)
+        if inner.done() and not inner.cancelled():
+            inner.exception()  # retrieved: the caller is cancelled, whatever the exchange ended with
+        raise
+
+
 def _usage(raw: Any) -> TokenUsage:
     if not isinstance(raw, dict):
         return TokenUsage()
@@ -210,7 +235,7 @@ class VLLMClient:
             async def attempt() -> LLMResponse:
                 return await self._stream_completion(body, headers, on_delta)
 
-        response, attempts = await self._with_retries("chat completion", request.request_id, attempt)
+        response, attempts = await _cancel_once(self._with_retries("chat completion", request.request_id, attempt))
         latency_ms = (time.perf_counter() - started) * 1000
         return dataclasses.replace(response, latency_ms=latency_ms, attempts=attempts)
 
@@ -225,7 +250,7 @@ class VLLMClient:
             except (ValueError, KeyError, TypeError) as exc:
                 raise LLMError(f"unparsable model list from vLLM at {self.base_url}: {exc!r}") from exc
 
-        models, _ = await self._with_retries("model list", "", attempt)
+        models, _ = await _cancel_once(self._with_retries("model list", "", attempt))
         return models
 
     async def health(self) -> bool:

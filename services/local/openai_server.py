@@ -691,7 +691,9 @@ def create_app(*, model: str = DEFAULT_MODEL, delay_ms: float = 0, tokens_per_se
                 status = -1  # the stream's generator ends the call
                 return StreamingResponse(stream, media_type="text/event-stream")
             generation = answer.completion_tokens / state.tokens_per_second if state.tokens_per_second else 0.0
-            await asyncio.sleep(state.delay_ms / 1000 + generation)
+            if not await _generate_unless_gone(request, state.delay_ms / 1000 + generation):
+                status = 499  # like vLLM: a request whose client went away is aborted, not finished for nobody
+                return Response(status_code=499)
             status = 200
             return JSONResponse(_completion(answer, name))
         finally:
@@ -699,6 +701,18 @@ def create_app(*, model: str = DEFAULT_MODEL, delay_ms: float = 0, tokens_per_se
                 state.end(status)
 
     return app
+
+
+async def _generate_unless_gone(request: Request, seconds: float) -> bool:
+    """Wait `seconds` (the generation) unless the client disconnects first; False when it did."""
+    generating = asyncio.ensure_future(asyncio.sleep(seconds))
+    gone = asyncio.ensure_future(request.receive())  # the body is read: the next message is the disconnect
+    try:
+        await asyncio.wait({generating, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return generating.done()
+    finally:
+        generating.cancel()
+        gone.cancel()
 
 
 def _completion(answer: Answer, model: str) -> dict[str, Any]:

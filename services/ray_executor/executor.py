@@ -5,7 +5,10 @@ Driver side (`RayExecutor`, in the ray-executor service): a phase's calls are su
 least-loaded actor of the pool (`AgentPool`), and awaited concurrently. Each call is bounded by the per-agent
 timeout and by the deliberation's deadline (also sent to the worker, which bounds itself); past either, the call
 is cancelled (`ray.cancel`: its coroutine, and so its HTTP request, is cancelled) and is a failed outcome of kind
-"timeout". When the engine's deadline cancels the phase, every call still running is cancelled. An actor that
+"timeout". When the engine's deadline cancels the phase, every call still running is cancelled (once per call;
+the worker's own deadline may cancel it too, which the LLM client absorbs so that its connection is closed and
+the server stops generating: issue 17). A call whose deadline has passed when it reaches the worker never starts
+its HTTP request. An actor that
 dies (worker or node lost) is restarted by Ray and its calls re-run (`max_retries`: system failures only; LLM
 errors are answers, returned, never retried by Ray); when the retries are used up the call is a failed outcome.
 So a failed or cancelled agent is always reported, never a hang. Calls are idempotent by request id: the same id
@@ -407,10 +410,10 @@ class RayExecutor:
             async with asyncio.timeout(limit):
                 result: Result = await ref
         except TimeoutError:
-            self._cancel(ref)
+            self._cancel(call.request_id)
             result = (None, f"timed out after {limit:g}s (Ray call cancelled)", "timeout")
         except asyncio.CancelledError:
-            self._cancel(ref)
+            self._cancel(call.request_id)
             raise
         except Exception as e:
             result = _ray_failure(e)
@@ -424,21 +427,22 @@ class RayExecutor:
         return CallOutcome(call, *result)
 
     def cancel_all(self) -> None:
-        for ref in list(self._in_flight.values()):
-            self._cancel(ref)
-        self._in_flight.clear()
+        for request_id in list(self._in_flight):
+            self._cancel(request_id)
 
     def close(self) -> None:
         """After the deliberation: cancel any call still running and drop every reference (frees the objects)."""
         self.cancel_all()
         self._done.clear()
 
-    @staticmethod
-    def _cancel(ref: Any) -> None:
+    def _cancel(self, request_id: str) -> None:
+        """`ray.cancel` a call still in flight, once: the phase's cancellation and the call's own both get here."""
         import ray
 
-        with contextlib.suppress(Exception):
-            ray.cancel(ref)
+        ref = self._in_flight.pop(request_id, None)
+        if ref is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
 
 
 def _ray_failure(e: BaseException) -> Result:

@@ -193,14 +193,12 @@ async def test_concurrent_handlers(bus: EventBus):
         active -= 1
 
     await bus.publish_many([approval(f"S-{i}") for i in range(6)])
-    done = asyncio.get_running_loop().time()
     await bus.consume(SPEC, handler, concurrency=3)
     await wait_for(lambda: peak == 3)
     info = await bus.js.consumer_info(SPEC.stream, SPEC.durable)
     while info.num_ack_pending or info.num_pending:
         await asyncio.sleep(0.05)
         info = await bus.js.consumer_info(SPEC.stream, SPEC.durable)
-    assert asyncio.get_running_loop().time() - done < 1.5  # 6 × 0.3 s would take 1.8 s one at a time
 
 
 async def test_stream_provisioning_is_idempotent(settings: FleetSettings):

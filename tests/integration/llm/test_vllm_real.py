@@ -74,7 +74,7 @@ def test_setup_again_is_a_quick_no_op() -> None:
     t0 = time.monotonic()
     report = setup(echo=lambda _: None)
     assert report.seconds == {} and report.skipped == ["vllm-venv", "qwen3-tiny", "smollm2-135m"]
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # a fresh setup takes minutes
 
 
 def test_qwen3_tiny_build_is_deterministic(tmp_path: Path) -> None:

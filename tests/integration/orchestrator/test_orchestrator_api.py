@@ -171,7 +171,7 @@ async def test_deadline_ends_as_timeout_with_partial_results(stub, llm_server):
         finally:
             await http.post(f"{llm_server.url}/control", json={"reset": True, "delay_ms": 20})
     assert reply.status == dpb.DELIBERATION_STATUS_TIMEOUT
-    assert reply.error_message and reply.duration_ms < 6000
+    assert reply.error_message and reply.duration_ms < 7500  # every phase at 1.5 s a call would take longer
     assert reply.results  # the proposals generated before the deadline are kept
 
 

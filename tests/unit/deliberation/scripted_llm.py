@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,11 +89,16 @@ class ScriptedLLM:
     requests: list[LLMRequest] = field(default_factory=list)
     active: int = 0
     max_active: int = 0
+    peak_by_schema: Counter = field(default_factory=Counter)  # most calls of one schema (phase) at once
+    spans: list[tuple[str, float, float]] = field(default_factory=list)  # (schema, start, end) per call
 
     async def complete(self, request: LLMRequest, on_delta: Any = None) -> LLMResponse:
         self.requests.append(request)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        schema, start = request.schema_name, time.perf_counter()
+        self._now[schema] += 1
+        self.peak_by_schema[schema] = max(self.peak_by_schema[schema], self._now[schema])
         try:
             delay = self.delay(request) if callable(self.delay) else self.delay
             if delay:
@@ -102,6 +109,11 @@ class ScriptedLLM:
             return LLMResponse(answer, TokenUsage(*self.tokens), model="scripted", finish_reason="stop")
         finally:
             self.active -= 1
+            self._now[schema] -= 1
+            self.spans.append((schema, start, time.perf_counter()))
+
+    def __post_init__(self) -> None:
+        self._now: Counter = Counter()
 
     def by_schema(self, schema_name: str) -> list[LLMRequest]:
         return [r for r in self.requests if r.schema_name == schema_name]

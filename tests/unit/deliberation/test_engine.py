@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import Counter, defaultdict
 
@@ -258,10 +259,7 @@ async def test_the_fallback_breaks_ties_by_check_findings_then_author(council):
 
 async def test_the_deadline_ends_in_timeout_with_partial_results(council, architect):
     llm = ScriptedLLM(delay=0.3)
-    started = time.monotonic()
     result = await deliberate(llm, make_task(timeout_seconds=0.5), council, architect)
-    elapsed = time.monotonic() - started
-    assert elapsed < 1.5
     assert result.status == DeliberationStatus.TIMEOUT
     assert "0.5s" in result.error_message and "CRITIQUE" in result.error_message
     assert len(result.results) == 3 and all(len(r.proposal.revisions) == 1 for r in result.results)
@@ -274,7 +272,8 @@ async def test_the_deadline_ends_in_timeout_with_partial_results(council, archit
 async def test_a_deadline_during_generate_keeps_nothing_but_never_hangs(council, architect):
     result = await deliberate(ScriptedLLM(delay=30), make_task(timeout_seconds=0.2), council, architect)
     assert result.status == DeliberationStatus.TIMEOUT and "GENERATE" in result.error_message
-    assert not result.results and result.selection is None and result.duration_ms < 1000
+    assert not result.results and result.selection is None
+    assert result.duration_ms < 10_000  # the LLM would have taken 30 s: the deadline ended it
 
 
 async def test_the_token_budget_ends_the_deliberation_with_partial_results(council, architect):
@@ -370,15 +369,29 @@ async def test_each_phase_runs_its_calls_concurrently(council, architect):
     result = await deliberate(llm, make_task(), council, architect)
     assert result.status == DeliberationStatus.COMPLETED
     assert llm.max_active == 3
+    assert {s: llm.peak_by_schema[s] for s in ("proposal", "critique", "revision", "scores")} == dict.fromkeys(
+        ("proposal", "critique", "revision", "scores"), 3
+    )  # the three calls of each phase were at the LLM at once
     for phase in (Phase.GENERATE, Phase.CRITIQUE, Phase.REVISE, Phase.SCORE):
-        assert 180 <= result.phase_durations_ms[phase] < 380, (phase, result.phase_durations_ms)
+        assert result.phase_durations_ms[phase] >= 180, (phase, result.phase_durations_ms)
 
 
 async def test_checks_run_off_the_event_loop_and_concurrently(llm, council, architect, monkeypatch):
     import services.deliberation.engine as engine_module
 
+    running, peak, ticks_during = 0, 0, []
+    lock = threading.Lock()
+
     def slow_checks(content, requirements):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        before = ticks
         time.sleep(0.2)  # blocking, like ruff in a subprocess
+        ticks_during.append(ticks - before)
+        with lock:
+            running -= 1
         return []
 
     monkeypatch.setattr(engine_module, "run_checks", slow_checks)
@@ -395,7 +408,9 @@ async def test_checks_run_off_the_event_loop_and_concurrently(llm, council, arch
         result = await deliberate(llm, make_task(), council, architect)
     finally:
         t.cancel()
-    assert result.phase_durations_ms[Phase.CHECK] < 380 and ticks >= 10
+    assert result.status == DeliberationStatus.COMPLETED
+    assert peak == 3  # the three proposals were checked at once
+    assert max(ticks_during) >= 1  # the event loop ran while a check blocked its thread
 
 
 async def test_a_failing_progress_callback_does_not_break_the_run(llm, task, council, architect):
@@ -442,17 +457,22 @@ async def test_against_the_loopback_openai_server(task, council, architect):
 async def test_checks_run_while_the_peers_score(council, architect, monkeypatch):
     import services.deliberation.engine as engine_module
 
+    checking: list[tuple[float, float]] = []
+
     def slow_checks(content, requirements):
+        start = time.perf_counter()
         time.sleep(0.3)
+        checking.append((start, time.perf_counter()))
         return []
 
     monkeypatch.setattr(engine_module, "run_checks", slow_checks)
-    t0 = time.perf_counter()
-    result = await deliberate(ScriptedLLM(delay=0.3), make_task(), council, architect)
-    wall = time.perf_counter() - t0
+    llm = ScriptedLLM(delay=0.3)
+    result = await deliberate(llm, make_task(), council, architect)
     assert result.status == DeliberationStatus.COMPLETED
-    assert result.phase_durations_ms[Phase.CHECK] >= 280 and result.phase_durations_ms[Phase.SCORE] >= 280
-    assert wall < 5 * 0.3 + 0.25, wall  # five LLM phases; the checks' 0.3 s hidden under SCORE's
+    scoring = [(start, end) for schema, start, end in llm.spans if schema == "scores"]
+    assert len(checking) == 3 and len(scoring) == 3
+    # every check overlapped the peers' scoring calls: off the critical path, not after it
+    assert all(any(c0 < s1 and s0 < c1 for s0, s1 in scoring) for c0, c1 in checking)
 
 
 def test_a_voter_using_every_character_the_score_schema_allows_is_not_cut_off():
