@@ -63,6 +63,9 @@ bench-context: $(STAMP) ## Context rehydration latency: cold (graph) vs cached (
 bench-ray: $(STAMP) ## Ray overhead per deliberation: in-process vs Ray executor, side by side (200 ms LLM)
 	$(PY) -m bench.bench_ray
 
+bench-sandbox: $(STAMP) ## Sandbox overhead: a trivial pytest run through the warm service vs a plain subprocess
+	$(PY) -m bench.bench_sandbox
+
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*
 
@@ -82,4 +85,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray infra llm clean distclean images
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox infra llm clean distclean images

@@ -36,7 +36,7 @@ app.add_typer(councils_app, name="councils")
 console = Console()
 err = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("orchestrator", "context", "ray-executor", "monitoring")
+SERVICES = ("orchestrator", "context", "ray-executor", "sandbox", "monitoring")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -49,6 +49,8 @@ def _run(coro: object) -> object:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except SettingsError as e:
         raise _fail(str(e), 2) from None
+    except FleetError as e:  # a known reason it cannot start (the sandbox without bwrap, ...)
+        raise _fail(e.message) from None
     except FleetError as e:
         raise _fail(e.message) from None
 

@@ -108,6 +108,22 @@ def llm_server() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The sandbox service (`fleet serve sandbox`: real bwrap, 2 slots) for the whole session, stopped by PID;
+    afterwards nothing of its executions may be left (tests/integration/sandbox/conftest.py)."""
+    from sandbox_service import start_sandbox, stop_sandbox
+
+    running = start_sandbox(tmp_path_factory.mktemp("sandbox"), uid_base=210_000)
+    yield running
+    stop_sandbox(running)
+
+
+@pytest.fixture(scope="session")
+def sandbox_address(sandbox) -> str:
+    return sandbox.address
+
+
+@pytest.fixture(scope="session")
 def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """The real vLLM (CPU) server with `qwen3-tiny`, served as `Qwen/Qwen3-0.6B` (the production request shape).
 

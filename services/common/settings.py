@@ -1,7 +1,8 @@
 """Settings from environment variables (pydantic-settings), validated at start with a clear message.
 
 Variable names are the field names upper-cased (NATS_URL, VALKEY_URL, GRPC_PORT, ...): the same names in
-code, manifests, the CLI and the tests. Each service extends `FleetSettings` with what it alone reads.
+code, manifests, the CLI and the tests. Each service extends `FleetSettings` (or, without the bus,
+`ServiceSettings`) with what it alone reads.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ class SettingsError(SystemExit):
         return self.message
 
 
-class FleetSettings(BaseSettings):
-    """What every service reads."""
+class ServiceSettings(BaseSettings):
+    """What every service reads: logging and metrics (no endpoints, no credentials)."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", validate_default=True)
 
-    nats_url: str = Field("nats://127.0.0.1:4222", pattern=r"^(nats|tls)://", description="NATS server URL(s)")
-    valkey_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|valkey|valkeys|unix)://")
     log_level: str = Field("INFO", pattern=r"^(?i:DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: str = Field("json", pattern=r"^(json|text)$")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
+
+
+class FleetSettings(ServiceSettings):
+    """What every service on the event bus reads (all but the sandbox, which holds no credentials)."""
+
+    nats_url: str = Field("nats://127.0.0.1:4222", pattern=r"^(nats|tls)://", description="NATS server URL(s)")
+    valkey_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|valkey|valkeys|unix)://")
     # Event delivery (every durable consumer): bounded redelivery with backoff, then the dead-letter stream.
     consumer_max_deliver: int = Field(5, ge=1, le=100)
     consumer_ack_wait_seconds: float = Field(30.0, gt=0)

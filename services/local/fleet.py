@@ -4,12 +4,16 @@ NATS, Valkey, FalkorDB (Bolt) and a Ray head start in parallel with the vLLM ser
 the streams are provisioned and the services start in dependency order, each as `fleet serve <service>` (the
 command the container images run) on free ports:
 
-    context (graph)  ->  ray-executor (Ray, vLLM)  ->  orchestrator (context, ray-executor)  ->  monitoring
+    sandbox  ->  context (graph)  ->  ray-executor (Ray, vLLM, sandbox)
+             ->  orchestrator (context, ray-executor, sandbox)  ->  monitoring
 
 then the councils are created with `fleet councils init` (the command the Kubernetes init Job runs). Logs go to
 one folder (`<base>/logs/<component>.log`), the process records to `<base>/state.json` (for `fleet down` and
 `stop_from_state`), the chosen endpoints to `<base>/endpoints.json`. Everything is stopped by PID, in reverse
 order, on exit, on Ctrl-C or on any failure while starting.
+
+The sandbox gets no infrastructure addresses and none of this process's environment but PATH and SANDBOX_*: it
+holds no credentials. The orchestrator and the ray-executor find it at SANDBOX_ADDRESS.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = ROOT / ".fleet"
 ENDPOINTS_FILE = "endpoints.json"
 INFRA = ("nats", "valkey", "falkordb", "ray")
-SERVICES = ("context", "ray-executor", "orchestrator", "monitoring")
+SERVICES = ("sandbox", "context", "ray-executor", "orchestrator", "monitoring")
 COMPONENTS = (*INFRA, "vllm", *SERVICES)
 HOST = "127.0.0.1"
 
@@ -188,12 +192,18 @@ class LocalFleet:
         return server.url, server.model
 
     def _service_env(self, name: str, port: int) -> dict[str, str]:
+        if name == "sandbox":  # started without the inherited environment (see the module's docstring)
+            own = {k: v for k, v in os.environ.items() if k.startswith("SANDBOX_")}
+            path = os.environ.get("PATH", os.defpath)
+            return {**own, "PATH": path, "GRPC_PORT": str(port), "METRICS_PORT": str(free_port()), "LOG_FORMAT": "text"}
         env = {**self.env, "METRICS_PORT": str(free_port()), "LOG_FORMAT": "text"}
         if name == "monitoring":
             env["MONITORING_PORT"] = str(port)
             env["ORCHESTRATOR_ADDRESS"] = self.endpoints["orchestrator"]
         else:
             env["GRPC_PORT"] = str(port)
+        if name in ("orchestrator", "ray-executor"):
+            env["SANDBOX_ADDRESS"] = self.endpoints["sandbox"]
         if name == "orchestrator":
             env["CONTEXT_ADDRESS"] = self.endpoints["context"]
             env["EXECUTOR"] = self.options.executor
@@ -213,6 +223,7 @@ class LocalFleet:
             [sys.executable, "-m", "services.cli", "serve", name],
             log_dir=self.log_dir,
             env=self._service_env(name, port),
+            inherit_env=name != "sandbox",
             cwd=ROOT,
             die_with_parent=self.options.die_with_parent,
         )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from services.local.processes import pid_alive, read_state
@@ -42,9 +43,12 @@ def test_up_in_the_background_then_down(tmp_path: Path, llm_server):
         else:
             pytest.fail(f"`fleet up` ended early with {up.wait()}")
         endpoints = json.loads((tmp_path / "endpoints.json").read_text())
-        assert set(endpoints) >= {"nats", "valkey", "falkordb", "context", "orchestrator", "monitoring", "vllm"}
+        assert set(endpoints) >= {"nats", "valkey", "falkordb", "sandbox", "context", "orchestrator", "monitoring"}
         pids = {name: entry["pid"] for name, entry in read_state(tmp_path / "state.json").items()}
-        assert set(pids) == {"nats", "valkey", "falkordb", "context", "orchestrator", "monitoring"}
+        assert set(pids) == {"nats", "valkey", "falkordb", "sandbox", "context", "orchestrator", "monitoring"}
+        # The orchestrator finds the sandbox; the sandbox knows nothing of the infrastructure.
+        assert psutil.Process(pids["orchestrator"]).environ()["SANDBOX_ADDRESS"] == endpoints["sandbox"]
+        assert not {"NATS_URL", "VALKEY_URL", "NEO4J_URI"} & set(psutil.Process(pids["sandbox"]).environ())
         down = subprocess.run([FLEET, "down", "--base-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert down.returncode == 0, down.stderr
         assert up.wait(30) == 0

@@ -89,6 +89,12 @@ def test_stubs_generate_and_the_wheel_holds_what_the_services_need(context, tmp_
         assert f"fleet/{service}/v1/{service}_pb2_grpc.py" in names, f"no stubs for {service}"
         assert f"services/{service}/main.py" in names
     assert "services/monitoring/main.py" in names
+    # Every proto's stubs and every service's entry point (the sandbox's included, once it is there).
+    for proto in (ROOT / "specs").glob("fleet/*/v1/*.proto"):
+        stub = proto.relative_to(ROOT / "specs").with_name(f"{proto.stem}_pb2_grpc.py").as_posix()
+        assert stub in names, f"no stubs for {proto.relative_to(ROOT)}"
+    for main in (ROOT / "services").glob("*/main.py"):
+        assert main.relative_to(ROOT).as_posix() in names, f"{main.relative_to(ROOT)} is not in the wheel"
     static = ROOT / "services" / "monitoring" / "static"
     for f in static.iterdir():
         assert f"services/monitoring/static/{f.name}" in names, f"the dashboard's {f.name} is not in the wheel"

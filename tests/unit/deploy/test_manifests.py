@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import ipaddress
 import re
 import shlex
 import shutil
@@ -67,7 +68,24 @@ SERVICES: dict[str, dict[str, Any]] = {
         # Inherited from FleetSettings but not used by the service (a test checks that it is not).
         "unused": {"VALKEY_URL"},
     },
+    "sandbox": {
+        "settings": "services.sandbox.settings:SandboxSettings",
+        "port_field": "grpc_port",
+        "metrics_field": "metrics_port",
+        # Set on purpose (pod isolation, not bwrap: see deploy/k8s/README.md, "The sandbox"). It has no connection
+        # settings at all (test_sandbox_holds_no_credentials).
+        "also": {"SANDBOX_ISOLATION"},
+    },
 }
+# DESIGN.md: `fleet.sandbox.v1.Sandbox` on gRPC :50057 (the proto names no port; the manifests follow the code's
+# default, services/sandbox/settings.py, and a test keeps the two equal).
+SANDBOX_DESIGN_PORT = 50057
+# Who calls the sandbox (SANDBOX_ADDRESS): the orchestrator and the ray-executor's driver, never the Ray workers.
+SANDBOX_CLIENTS = ("orchestrator", "ray-executor")
+# The only fleet-config keys the sandbox may take (configMapKeyRef, never envFrom: the rest are connections).
+SANDBOX_CONFIG_KEYS = {"LOG_LEVEL", "LOG_FORMAT"}
+# Cluster-scoped kinds the kustomizations may render (no namespace).
+CLUSTER_SCOPED = {"Namespace", "RuntimeClass"}
 # Settings whose in-cluster value differs from the loopback default: every service must get them.
 CONNECTION_SUFFIXES = ("_URL", "_URI", "_ADDRESS", "_USER", "_PASSWORD", "_MODEL")
 # What the e2e suite reads (tests/e2e/test_system_e2e.py; names found in tests/e2e are added to these).
@@ -346,6 +364,8 @@ def test_everything_is_in_the_namespace(name):
     for obj in render(name):
         if obj["kind"] == "Namespace":
             assert obj["metadata"]["name"] == NAMESPACE
+        elif obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], f"{obj['kind']}/{obj['metadata']['name']} is cluster-scoped"
         else:
             assert obj["metadata"].get("namespace") == NAMESPACE, f"{obj['kind']}/{obj['metadata']['name']}"
     if name == "base":
@@ -602,42 +622,121 @@ def resolve_target(objects: list[dict[str, Any]], service: str, port: int) -> tu
     return labels_of(target[0]), port_number(container, ports[port])
 
 
+def _our_namespace_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return the(objects, "Namespace", NAMESPACE)["metadata"].get("labels", {}) | {
+        "kubernetes.io/metadata.name": NAMESPACE
+    }
+
+
+def _policy_types(policy: dict[str, Any]) -> list[str]:
+    """A NetworkPolicy's policyTypes; unset: Ingress, plus Egress when it has egress rules (the API's default)."""
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress", *(["Egress"] if "egress" in spec else [])]
+
+
+def _ports_match(rule: dict[str, Any], port: int, protocol: str) -> bool:
+    """Whether a rule's ports cover port/protocol (a named port matches only when given by the same name)."""
+
+    def covers(p: dict[str, Any]) -> bool:
+        if p.get("protocol", "TCP") != protocol:
+            return False
+        if p.get("port") is None or p["port"] == port:
+            return True
+        return isinstance(p["port"], int) and isinstance(port, int) and p["port"] <= port <= p.get("endPort", -1)
+
+    return not rule.get("ports") or any(covers(p) for p in rule["ports"])
+
+
+def _peer_matches(
+    peer: dict[str, Any],
+    ours: dict[str, str],
+    labels: dict[str, str] | None,
+    namespace: dict[str, str] | None,
+    ip: str | None,
+) -> bool:
+    """Whether a from/to peer matches the other end: a pod (labels; in our namespace when namespace is None, else in
+    a namespace with those labels) or, with labels None, the address ip."""
+    if "ipBlock" in peer:  # pod addresses are unknown here: an ipBlock matches only an explicit ip
+        block = peer["ipBlock"]
+        if ip is None:
+            return False
+        address = ipaddress.ip_address(ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if labels is None:
+        return False
+    if "namespaceSelector" in peer:
+        ns_ok = selects(peer["namespaceSelector"], ours if namespace is None else namespace)
+    else:
+        ns_ok = namespace is None
+    return ns_ok and ("podSelector" not in peer or selects(peer["podSelector"], labels))
+
+
 def ingress_allowed(
     objects: list[dict[str, Any]],
     src: dict[str, str],
     dst: dict[str, str],
     port: int,
     src_namespace: dict[str, str] | None,
+    protocol: str = "TCP",
 ) -> bool:
     """Whether NetworkPolicies let a pod (labels src; in our namespace when src_namespace is None, else in a
-    namespace with those labels) reach a pod (labels dst) on `port`."""
+    namespace with those labels) reach a pod of ours (labels dst) on `port`, as far as dst's ingress rules go."""
     policies = [
         p
         for p in objects
-        if p["kind"] == "NetworkPolicy"
-        and selects(p["spec"]["podSelector"], dst)
-        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        if p["kind"] == "NetworkPolicy" and selects(p["spec"]["podSelector"], dst) and "Ingress" in _policy_types(p)
     ]
     if not policies:
         return True
-    ours = the(objects, "Namespace", NAMESPACE)["metadata"].get("labels", {}) | {
-        "kubernetes.io/metadata.name": NAMESPACE
-    }
+    ours = _our_namespace_labels(objects)
     for policy in policies:
         for rule in policy["spec"].get("ingress") or []:
-            if rule.get("ports") and not any(p.get("port") in (None, port) for p in rule["ports"]):
+            if not _ports_match(rule, port, protocol):
                 continue
             if not rule.get("from"):
                 return True
-            for peer in rule["from"]:
-                if "namespaceSelector" in peer:
-                    ns_ok = selects(peer["namespaceSelector"], ours if src_namespace is None else src_namespace)
-                else:
-                    ns_ok = src_namespace is None
-                pod_ok = "podSelector" not in peer or selects(peer["podSelector"], src)
-                if ns_ok and pod_ok and "ipBlock" not in peer:
-                    return True
+            if any(_peer_matches(peer, ours, src, src_namespace, None) for peer in rule["from"]):
+                return True
     return False
+
+
+def egress_allowed(
+    objects: list[dict[str, Any]],
+    src: dict[str, str],
+    port: int,
+    *,
+    dst: dict[str, str] | None = None,
+    dst_namespace: dict[str, str] | None = None,
+    ip: str | None = None,
+    protocol: str = "TCP",
+) -> bool:
+    """Whether NetworkPolicies let a pod of ours (labels src) open a connection on `port` to a pod (labels dst; in our
+    namespace when dst_namespace is None, else in a namespace with those labels) or to the address ip, as far as
+    src's egress rules go."""
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy" and selects(p["spec"]["podSelector"], src) and "Egress" in _policy_types(p)
+    ]
+    if not policies:
+        return True
+    ours = _our_namespace_labels(objects)
+    for policy in policies:
+        for rule in policy["spec"].get("egress") or []:
+            if not _ports_match(rule, port, protocol):
+                continue
+            if not rule.get("to"):
+                return True
+            if any(_peer_matches(peer, ours, dst, dst_namespace, ip) for peer in rule["to"]):
+                return True
+    return False
+
+
+def allowed(objects: list[dict[str, Any]], src: dict[str, str], dst: dict[str, str], port: int) -> bool:
+    """A connection between two pods of ours: src's egress and dst's ingress both let it through."""
+    return egress_allowed(objects, src, port, dst=dst) and ingress_allowed(objects, src, dst, port, None)
 
 
 @pytest.mark.parametrize("name", kustomizations())
@@ -648,7 +747,7 @@ def test_every_address_reaches_a_service_and_is_allowed_by_the_network_policies(
     denied = []
     for who, src, service, port in found:
         dst, container_port = resolve_target(objects, service, port)
-        if not ingress_allowed(objects, src, dst, container_port, None):
+        if not allowed(objects, src, dst, container_port):
             denied.append(f"{who} -> {service}:{port}")
     assert not denied, "NetworkPolicies block:\n" + "\n".join(denied)
     if name == "base":
@@ -657,6 +756,8 @@ def test_every_address_reaches_a_service_and_is_allowed_by_the_network_policies(
             ("orchestrator", "nats"),
             ("orchestrator", "context"),
             ("orchestrator", "ray-executor"),
+            ("orchestrator", "sandbox"),
+            ("ray-executor", "sandbox"),
             ("ray-executor", "fleet-ray-head-svc"),
             ("context", "neo4j"),
             ("monitoring", "orchestrator"),
@@ -1110,3 +1211,268 @@ def test_ray_executor_joins_the_raycluster_in_client_mode():
     rc = the(objects, "RayCluster", "fleet-ray")
     address = the(objects, "ConfigMap", "fleet-config")["data"]["RAY_ADDRESS"]
     assert address == f"ray://{rc['metadata']['name']}-head-svc:10001", address
+
+
+# --- the sandbox: untrusted code, no credentials, no egress ------------------------------------------------------
+
+FLEET_KUSTOMIZATIONS = [k for k in kustomizations() if k != "e2e"]
+
+
+def sandbox_port() -> int:
+    """The sandbox's gRPC port in the code."""
+    from services.sandbox.settings import DEFAULT_GRPC_PORT
+
+    assert settings_class("sandbox").model_fields["grpc_port"].default == DEFAULT_GRPC_PORT
+    return DEFAULT_GRPC_PORT
+
+
+def sandbox_template(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return the(objects, "Deployment", "sandbox")["spec"]["template"]
+
+
+def test_sandbox_port_is_the_designed_one():
+    """The code's default and DESIGN.md's port agree (the manifests are checked against the code's)."""
+    assert sandbox_port() == SANDBOX_DESIGN_PORT
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_service_port_is_the_codes_default(name):
+    objects = world(name)
+    port = sandbox_port()
+    container = main_container(objects, "Deployment", "sandbox")
+    assert container["command"] == ["fleet", "serve", "sandbox"]
+    env = effective_env(container, objects)
+    assert env.get("GRPC_PORT") == str(port) and port_number(container, "grpc") == port
+    for kind, probe in probes(container):
+        assert probe.get("grpc", {}).get("port") == port, f"sandbox {kind}: a gRPC probe on {port}"
+    assert {"readinessProbe", "livenessProbe"} <= dict(probes(container)).keys()
+    svc_ports = {p["name"]: p for p in the(objects, "Service", "sandbox")["spec"]["ports"]}
+    assert svc_ports["grpc"]["port"] == port and port_number(container, svc_ports["grpc"]["targetPort"]) == port
+    assert svc_ports["grpc"].get("appProtocol") == "grpc"
+    assert port_number(container, svc_ports["metrics"]["targetPort"]) == int(env["METRICS_PORT"])
+    expose = [int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile("sandbox"), re.M) for p in line.split()]
+    assert expose == [port, int(env["METRICS_PORT"])], f"sandbox.Dockerfile EXPOSE {expose}"
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_holds_no_credentials(name):
+    """No service-account token, no Secret, no connection setting, no address of anything in the cluster."""
+    objects = world(name)
+    template = sandbox_template(objects)
+    spec = template["spec"]
+    assert spec.get("automountServiceAccountToken") is False
+    account = the(objects, "ServiceAccount", spec.get("serviceAccountName", "default"))
+    assert account.get("automountServiceAccountToken") is False, "its ServiceAccount must not mount a token either"
+    bindings = [o for o in objects if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}]
+    granted = [
+        b["metadata"]["name"]
+        for b in bindings
+        for subject in b.get("subjects", [])
+        if subject.get("kind") == "ServiceAccount" and subject.get("name") == account["metadata"]["name"]
+    ]
+    assert not granted, f"RBAC granted to the sandbox's ServiceAccount: {granted}"
+    for volume in spec.get("volumes", []):
+        assert set(volume) == {"name", "emptyDir"}, f"sandbox volume {volume['name']}: only emptyDirs (no secret/token)"
+    services = set(services_map(objects))
+    for c in containers(template):
+        assert not c.get("envFrom"), f"{c['name']}: envFrom would hand it fleet-config (every connection setting)"
+        for e in c.get("env", []):
+            source = e.get("valueFrom", {})
+            assert set(source) <= {"configMapKeyRef"}, f"{c['name']} {e['name']}: {source}"
+            if source:
+                assert source["configMapKeyRef"]["key"] in SANDBOX_CONFIG_KEYS, f"{c['name']}: {e['name']}"
+            assert not e["name"].endswith(CONNECTION_SUFFIXES), f"{c['name']}: {e['name']} is a connection setting"
+            assert not SECRETISH.search(e["name"]), f"{c['name']}: {e['name']} looks like a secret"
+        for var, value in effective_env(c, objects).items():
+            reached = {m[1] for m in ADDRESS.finditer(str(value))} & services
+            assert not reached and "://" not in value, f"{c['name']}: {var}={value} names an endpoint"
+    # And the code does not even have a field for one.
+    fields = env_vars(settings_class("sandbox"))
+    assert not [v for v in fields if v.endswith(CONNECTION_SUFFIXES) or SECRETISH.search(v)], fields
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_isolation_is_explicitly_pod_and_explained(name):
+    objects = world(name)
+    env = effective_env(main_container(objects, "Deployment", "sandbox"), objects)
+    assert env.get("SANDBOX_ISOLATION") == "pod", "bwrap cannot work in this pod: say `pod`, explicitly"
+    field = settings_class("sandbox").model_fields["sandbox_isolation"]
+    assert "pod" in str(field.annotation), field.annotation
+    text = (K8S / "base" / "sandbox.yaml").read_text()
+    comment = re.search(r"((?:^ *#.*\n)+) *- name: SANDBOX_ISOLATION\n", text, re.M)
+    assert comment and "README" in comment[1] and "bwrap" in comment[1], "say why `pod`, and point at the README"
+    readme = _readme()
+    section = re.search(r"^## The sandbox\n(.*?)(?=^## )", readme, re.M | re.S)
+    assert section, "deploy/k8s/README.md has no `## The sandbox` section"
+    for needed in ("SANDBOX_ISOLATION", "bwrap", "hostUsers", "overlays/gvisor", "CAP_SYS_ADMIN", "NetworkPolicy"):
+        assert needed in section[1], f"README's sandbox section does not mention {needed}"
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_pod_is_locked_down_and_sized(name):
+    objects = world(name)
+    template = sandbox_template(objects)
+    spec = template["spec"]
+    pod_sc = spec["securityContext"]
+    (container,) = spec["containers"]
+    sc = container["securityContext"]
+    assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True
+    user = re.findall(r"^USER (\d+)", dockerfile("sandbox"), re.M)[-1]
+    assert sc.get("runAsUser", pod_sc.get("runAsUser")) == int(user) == 10001
+    assert sc.get("seccompProfile", pod_sc.get("seccompProfile")) == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged")
+    # /tmp (the executions' work dirs) is the one writable place: in memory, size-bounded.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    writable = [p for p, m in mounts.items() if not m.get("readOnly")]
+    assert writable == ["/tmp"], f"writable mounts {writable}: only /tmp"
+    tmp = volumes[mounts["/tmp"]["name"]]["emptyDir"]
+    assert tmp.get("medium") == "Memory" and tmp.get("sizeLimit"), tmp
+    # The memory limit holds the tmpfs (charged to the container), SANDBOX_CONCURRENCY executions at the most
+    # memory a request may ask for, and the server (a cgroup v2 OOM kills the whole container).
+    env = effective_env(container, objects)
+    fields = settings_class("sandbox").model_fields
+    concurrency = int(env.get("SANDBOX_CONCURRENCY", "0")) or fields["sandbox_concurrency"].default
+    per_execution = int(env.get("SANDBOX_MAX_MEMORY_MB", "0")) or fields["sandbox_max_memory_mb"].default
+    need = _quantity(tmp["sizeLimit"]) + concurrency * per_execution * 2**20 + 256 * 2**20
+    assert _quantity(container["resources"]["limits"]["memory"]) >= need, (container["resources"], need)
+    assert _quantity(container["resources"]["requests"]["memory"]) <= _quantity(
+        container["resources"]["limits"]["memory"]
+    )
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_network_policy_denies_all_egress_and_admits_only_its_clients(name):
+    objects = world(name)
+    sandbox = labels_of(sandbox_template(objects))
+    port = sandbox_port()
+    metrics = port_number(main_container(objects, "Deployment", "sandbox"), "metrics")
+    # Egress: a policy says Egress with no rule at all, and no policy adds one.
+    policies = [
+        p
+        for p in objects
+        if p["kind"] == "NetworkPolicy" and selects(p["spec"]["podSelector"], sandbox) and "Egress" in _policy_types(p)
+    ]
+    assert policies, "no NetworkPolicy restricts the sandbox's egress"
+    assert not [r for p in policies for r in p["spec"].get("egress") or []], "the sandbox's egress must be empty"
+    pods = {label: labels_of(t) for label, t in all_pods(objects)}
+    for label, dst in pods.items():
+        for p in (53, 80, 443, port, 4222, 6379, 7687, 8000, 10001):
+            assert not egress_allowed(objects, sandbox, p, dst=dst), f"sandbox -> {label}:{p}"
+    kube_dns = ({"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"})
+    for protocol in ("UDP", "TCP"):
+        assert not egress_allowed(objects, sandbox, 53, dst=kube_dns[0], dst_namespace=kube_dns[1], protocol=protocol)
+        assert not egress_allowed(objects, sandbox, 53, ip="10.96.0.10", protocol=protocol), "DNS"
+    for ip in ("1.1.1.1", "169.254.169.254", "10.0.0.1"):
+        assert not egress_allowed(objects, sandbox, 443, ip=ip) and not egress_allowed(objects, sandbox, 80, ip=ip)
+    # Ingress: its clients (both directions of policy let them through), Prometheus on metrics, nobody else.
+    by_name = {labels_of(t).get("app.kubernetes.io/name"): labels_of(t) for _, t in all_pods(objects)}
+    for client in SANDBOX_CLIENTS:
+        assert allowed(objects, by_name[client], sandbox, port), f"{client} -> sandbox:{port} is blocked"
+    others = [(lbl, lab) for lbl, lab in pods.items() if lab.get("app.kubernetes.io/name") not in SANDBOX_CLIENTS]
+    assert len(others) >= 5, others
+    for label, src in [*others, ("e2e", {"app.kubernetes.io/name": "e2e"})]:
+        for p in (port, metrics):
+            assert not ingress_allowed(objects, src, sandbox, p, None), f"{label} -> sandbox:{p} is allowed"
+    scraper = {"swe-ai-fleet/metrics-scraper": "true", "kubernetes.io/metadata.name": "monitoring"}
+    assert ingress_allowed(objects, {}, sandbox, metrics, scraper)
+    assert not ingress_allowed(objects, {}, sandbox, port, scraper)
+    assert not ingress_allowed(objects, {}, sandbox, port, {"kubernetes.io/metadata.name": "other"})
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_sandbox_address_of_its_clients_names_the_sandbox_service(name):
+    objects = world(name)
+    svc = the(objects, "Service", "sandbox")
+    grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    expected = f"{svc['metadata']['name']}:{grpc_port}"
+    sandbox = labels_of(sandbox_template(objects))
+    for client in SANDBOX_CLIENTS:
+        container = main_container(objects, "Deployment", client)
+        env = effective_env(container, objects)
+        assert env.get("SANDBOX_ADDRESS") == expected, f"{client}: SANDBOX_ADDRESS={env.get('SANDBOX_ADDRESS')}"
+        host, _, port = env["SANDBOX_ADDRESS"].rpartition(":")
+        dst, container_port = resolve_target(objects, host, int(port))
+        assert dst == sandbox and container_port == sandbox_port()
+        template = next(t for _, t in pod_templates(the(objects, "Deployment", client)))
+        assert allowed(objects, labels_of(template), dst, container_port), f"{client} -> {expected} is blocked"
+    # The Ray workers never call it: the ray-executor's driver does.
+    for label, template in pod_templates(the(objects, "RayCluster", "fleet-ray")):
+        for c in containers(template):
+            assert "SANDBOX_ADDRESS" not in effective_env(c, objects), f"{label} {c['name']}"
+
+
+def test_sandbox_clients_read_sandbox_address(monkeypatch):
+    """The address set for the clients is one their settings read (and accept)."""
+    objects = world("base")
+    for client in SANDBOX_CLIENTS:
+        assert "SANDBOX_ADDRESS" in env_vars(settings_class(client)), f"{client} does not read SANDBOX_ADDRESS"
+        env = effective_env(main_container(objects, "Deployment", client), objects)
+        settings = load_with_env(settings_class(client), env, monkeypatch)
+        assert settings.sandbox_address == env["SANDBOX_ADDRESS"], client
+
+
+def test_gvisor_overlay_changes_only_the_sandboxs_runtime():
+    base, gvisor = list(render("base")), list(render("overlays/gvisor"))
+    (runtime_class,) = [o for o in gvisor if o["kind"] == "RuntimeClass"]
+    assert runtime_class["handler"] == "runsc"
+    template = sandbox_template(gvisor)
+    assert template["spec"].get("runtimeClassName") == runtime_class["metadata"]["name"]
+    others = [label for label, t in all_pods(gvisor) if t["spec"].get("runtimeClassName") and t is not template]
+    assert not others, f"only the sandbox runs in gVisor: {others}"
+    assert not sandbox_template(base)["spec"].get("runtimeClassName"), "the base must not need gVisor"
+    # Nothing else differs from the base.
+    patched = yaml.safe_load(yaml.safe_dump(the(gvisor, "Deployment", "sandbox")))
+    del patched["spec"]["template"]["spec"]["runtimeClassName"]
+    assert patched == the(base, "Deployment", "sandbox")
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    rest = sorted((o for o in gvisor if o["kind"] != "RuntimeClass" and key(o) != ("Deployment", "sandbox")), key=key)
+    assert rest == sorted((o for o in base if key(o) != ("Deployment", "sandbox")), key=key)
+
+
+def test_the_sandbox_serves_without_ray_and_kubernetes_validate():
+    """sandbox.Dockerfile uninstalls them from its venv: `fleet serve sandbox` must not import either."""
+    modules = ["services.cli", "fleet.sandbox.v1.sandbox_pb2_grpc", "pytest", "services.sandbox.main"]
+    script = f"""
+import importlib, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "kubernetes_validate"):
+            raise ImportError(f"{{name}} is not in the sandbox image")
+sys.meta_path.insert(0, Block())
+for name in {modules!r}:
+    importlib.import_module(name)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_sandbox_image_has_bubblewrap_pytest_and_leaves_ray_out():
+    text = dockerfile("sandbox")
+    stages = _stages(text)
+    runtime = stages[-1]
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\bbubblewrap\b", runtime), "no bubblewrap"
+    source = re.search(r"^COPY --from=(\S+) /opt/fleet /opt/fleet$", runtime, re.M)
+    assert source, "the runtime does not copy the fleet venv"
+    stage = next(s for s in stages if re.match(rf"FROM builder AS {re.escape(source[1])}\n", s))
+    assert re.search(r"/opt/fleet/bin/pip uninstall -y ray kubernetes-validate\b", stage)
+    # pytest in the service's own environment: the service hands its distribution to the executions.
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    pytest_pin = next(d for d in dev if re.match(r"pytest\b(?!-)", d))
+    assert f'/opt/fleet/bin/pip install "{pytest_pin}"' in stage, f"pytest as the dev extra pins it: {pytest_pin}"
+    assert "services.sandbox.main" in stage, "the build checks that the sandbox imports without them"
+    # The interpreter: found and checked by the service at start (a fixed path would differ between base images).
+    assert not re.search(r"^ENV .*\bSANDBOX_PYTHON=", runtime, re.M)
+
+
+def test_build_script_builds_every_dockerfile_and_only_those():
+    built = built_images()
+    files = {f.relative_to(ROOT).as_posix() for f in DOCKER.glob("*.Dockerfile")}
+    assert set(built.values()) == files, (
+        f"build.sh builds {sorted(built.values())}, the Dockerfiles are {sorted(files)}"
+    )
+    for image, path in built.items():
+        assert (ROOT / path).is_file(), f"{image}: {path} does not exist"
+        assert image == f"{OUR_REGISTRY}{Path(path).name.removesuffix('.Dockerfile')}:{PROJECT_VERSION}"
+    assert built.get(f"{OUR_REGISTRY}sandbox:{PROJECT_VERSION}") == "deploy/docker/sandbox.Dockerfile"
