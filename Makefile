@@ -37,9 +37,10 @@ contracts-check: $(STAMP) ## Fail when the committed stubs, schemas or AsyncAPI 
 	@git diff --exit-code --stat -- gen specs || { echo "generated contracts are stale: run 'make protos events' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- gen specs)" || { git status --porcelain -- gen specs; echo "untracked generated files: commit them"; exit 1; }
 
-lint: $(STAMP) ## ruff, buf lint, buf breaking against main
+lint: $(STAMP) ## ruff, the import boundaries (lint-imports), buf lint, buf breaking against main
 	$(BIN)/ruff check services tests bench
 	$(BIN)/ruff format --check services tests bench
+	$(BIN)/lint-imports
 	cd specs && ../$(BIN)/buf lint
 	./scripts/buf_breaking.sh $(BIN)/buf
 

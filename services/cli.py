@@ -49,8 +49,6 @@ def _run(coro: object) -> object:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except SettingsError as e:
         raise _fail(str(e), 2) from None
-    except FleetError as e:  # a known reason it cannot start (the sandbox without bwrap, ...)
-        raise _fail(e.message) from None
     except FleetError as e:
         raise _fail(e.message) from None
 
@@ -73,6 +71,8 @@ def serve(service: Annotated[str, typer.Argument(help=" | ".join(SERVICES))]) ->
         module.run()
     except SettingsError as e:
         raise _fail(str(e), 2) from None
+    except FleetError as e:  # a known reason it cannot start (the sandbox without bwrap, ...)
+        raise _fail(e.message) from None
 
 
 # --- streams -------------------------------------------------------------------------------------------------
@@ -329,10 +329,17 @@ def demo(
         except FleetError as e:
             err.print(f"[red]error:[/red] {e}")
             results, failed = [], True
+        summary = Table("role", "task", "status", "verified", "winner", "why")
         for result in results:  # type: ignore[union-attr]
             console.rule(f"{result.role} · {result.task_id}")
             print_result(result)
             failed |= result.status != dpb.DELIBERATION_STATUS_COMPLETED
+            status = dpb.DeliberationStatus.Name(result.status).removeprefix("DELIBERATION_STATUS_")
+            verified = "[green]verified[/green]" if result.verified else "[red]not verified[/red]"
+            why = result.verified_reason if result.status == dpb.DELIBERATION_STATUS_COMPLETED else result.error_message
+            summary.add_row(result.role, result.task_id, status, verified, result.winner_id or "-", why[:120])
+        if results:
+            console.print(summary)
         console.print(f"dashboard: [bold]{fleet.endpoints['monitoring']}[/bold]")
         if not once:
             console.print("the fleet keeps running; Ctrl-C stops everything.")
@@ -360,6 +367,14 @@ def approve_plan(
         list[str] | None,
         typer.Option(help="ROLE:TASK_ID:description (repeatable)"),
     ] = None,
+    tests: Annotated[
+        list[str] | None,
+        typer.Option(help="TASK_ID=FILE: the task's visible pytest tests, run against solution.py (repeatable)"),
+    ] = None,
+    depends: Annotated[
+        list[str] | None,
+        typer.Option(help="TASK_ID=DEP[,DEP...]: the task starts once these tasks completed (repeatable)"),
+    ] = None,
 ) -> None:
     """Publish a valid planning.plan.approved (reads NATS_URL)."""
     from pydantic import ValidationError
@@ -370,6 +385,16 @@ def approve_plan(
         if len(parts) != 3:
             raise _fail(f"--task {item!r}: expected ROLE:TASK_ID:description", 2)
         tasks.append({"role": parts[0].strip().upper(), "task_id": parts[1].strip(), "description": parts[2]})
+    by_id = {t["task_id"]: t for t in tasks}
+    for option, items in (("--tests", tests), ("--depends", depends)):
+        for item in items or []:
+            task_id, sep, value = item.partition("=")
+            if not sep or task_id.strip() not in by_id:
+                raise _fail(f"{option} {item!r}: expected TASK_ID=..., TASK_ID one of the --task ids", 2)
+            if option == "--tests":
+                by_id[task_id.strip()]["tests"] = _read_tests(value.strip(), option)
+            else:
+                by_id[task_id.strip()]["depends_on"] = [d.strip() for d in value.split(",") if d.strip()]
     data = {
         "story_id": story,
         "plan_id": plan,
@@ -455,8 +480,11 @@ def deliberate(
     rounds: Annotated[int, typer.Option(help="peer-review rounds")] = 1,
     timeout: Annotated[float, typer.Option(help="deadline in seconds")] = 600.0,
     story: Annotated[str, typer.Option(help="story id, to deliberate with its context")] = "",
+    tests: Annotated[
+        str, typer.Option(help="a pytest file: the task's visible tests, run in the sandbox against solution.py")
+    ] = "",
 ) -> None:
-    """Run a deliberation on the orchestrator and print the ranking (reads ORCHESTRATOR_ADDRESS)."""
+    """Run a deliberation on the orchestrator and print the ranking and the winner (reads ORCHESTRATOR_ADDRESS)."""
     from fleet.deliberation.v1 import deliberation_pb2 as dpb
     from fleet.orchestrator.v1 import orchestrator_pb2 as pb
     from fleet.orchestrator.v1 import orchestrator_pb2_grpc
@@ -465,9 +493,13 @@ def deliberate(
         task_id=task_id or catalog.new_id("task"),
         task_description=task,
         role=role,
-        rounds=rounds,
         story_id=story,
-        constraints=dpb.Constraints(requirements=requirement or [], timeout_seconds=timeout),
+        constraints=dpb.Constraints(
+            requirements=requirement or [],
+            timeout_seconds=timeout,
+            rounds=rounds,
+            tests=_read_tests(tests, "--tests") if tests else "",
+        ),
     )
 
     async def go():
@@ -493,42 +525,59 @@ def deliberate(
         raise typer.Exit(1)
 
 
-def print_result(result) -> None:
-    from fleet.deliberation.v1 import deliberation_pb2 as dpb
+def _read_tests(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise _fail(f"{option} {path}: {e.strerror or e}", 2) from None
 
-    status = dpb.DeliberationStatus.Name(result.status).removeprefix("DELIBERATION_STATUS_")
+
+def print_result(message) -> None:
+    """A deliberation result (the proto, read through the contract's one mapping): outcome, verification,
+    ranking, the winner's content (its code) and what its checks found."""
+    from rich.syntax import Syntax
+
+    from services.deliberation.grounding import program_of
+    from services.deliberation.proto import result_from_proto
+
+    result = result_from_proto(message)
     console.print(
-        f"[bold]{result.task_id}[/bold] ({result.role}): {status} in {result.duration_ms} ms, "
+        f"[bold]{result.task_id}[/bold] ({result.role}): {result.status} in {result.duration_ms:.0f} ms, "
         f"{result.total_tokens} tokens" + (f" — {result.error_message}" if result.error_message else "")
     )
-    table = Table("rank", "author", "score", "peer", "checks", "findings")
+    table = Table("rank", "author", "score", "peer", "checks", "gates", "errors")
     for r in result.results:
         applicable = [c for c in r.checks if c.applicable]
-        findings = sum(len(c.findings) for c in r.checks)
+        blocked = [c.name for c in r.checks if c.blocks]
         table.add_row(
             str(r.rank),
             r.proposal.author_id,
             f"{r.score:.2f}",
             f"{r.peer_score:.2f}",
             f"{sum(c.passed for c in applicable)}/{len(applicable)} passed",
-            str(findings),
+            "[green]passed[/green]" if not blocked else f"[red]failed {', '.join(blocked)}[/red]",
+            str(r.error_count),
         )
     console.print(table)
-    if result.selection.winner_id:
-        method = dpb.SelectionMethod.Name(result.selection.method).removeprefix("SELECTION_METHOD_")
-        console.print(
-            f"winner: [bold]{result.winner_id}[/bold] (chosen by {method} {result.selection.selected_by}): "
-            f"{result.selection.rationale}"
-        )
-        winner = next((r for r in result.results if r.proposal.author_id == result.winner_id), None)
-        if winner is not None:
-            console.print(
-                f"winner's score {winner.score:.2f} (peers {winner.peer_score:.2f}, checks {winner.check_score:.2f})"
-            )
-            for c in winner.checks:
-                mark = "[green]✓[/green]" if c.passed and c.applicable else "[red]✗[/red]" if c.applicable else "-"
-                found = f": {'; '.join(f.message for f in c.findings[:3])}" if c.findings else ""
-                console.print(f"  {mark} {c.name} {c.detail}{found}", highlight=False)
+    winner = result.winner
+    if result.selection is not None and winner is not None:
+        s = result.selection
+        console.print(f"winner: [bold]{result.winner_id}[/bold] (chosen by {s.method} {s.selected_by}): {s.rationale}")
+        verdict = "[bold green]VERIFIED[/bold green]" if result.verified else "[bold red]NOT VERIFIED[/bold red]"
+        console.print(f"{verdict}: {result.verified_reason}", highlight=False)
+        code = program_of(winner.proposal.content).code
+        if code.strip():
+            console.print(Syntax(code, "python", line_numbers=True, word_wrap=True))
+        else:
+            console.print(winner.proposal.content, highlight=False, markup=False)
+        for c in winner.checks:
+            mark = "[green]✓[/green]" if c.passed and c.applicable else "[red]✗[/red]" if c.applicable else "-"
+            gate = " (gating)" if c.gating and c.applicable else ""
+            console.print(f"  {mark} {c.name}{gate} {c.detail}", highlight=False)
+            for f in c.findings[:5]:
+                console.print(f"      {f.message}", highlight=False, markup=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
 def main() -> None:

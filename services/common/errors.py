@@ -1,18 +1,17 @@
-"""Domain errors shared by every service.
+"""Domain errors shared by every service (no transport here: the domains that raise them import no I/O).
 
-Each error carries the gRPC status code it maps to; the gRPC bootstrap's interceptor turns them into
-statuses with details, so a known failure never reaches a client as a bare INTERNAL.
+Each error names the kind of failure as the gRPC status it maps to (`code`, e.g. "INVALID_ARGUMENT"); the gRPC
+bootstrap's interceptor (services/common/grpc_server.py) turns them into statuses with details, so a known failure
+never reaches a client as a bare INTERNAL, and the HTTP API maps the same kinds to its problems.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class FleetError(Exception):
     """Base of every known failure. `code` is the gRPC status it maps to."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"  # the grpc.StatusCode name
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -23,7 +22,7 @@ class FleetError(Exception):
 class InvalidArgument(FleetError):
     """Bad input. `field` names the offending field (dotted path) so the caller can fix it."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -32,28 +31,28 @@ class InvalidArgument(FleetError):
 
 
 class NotFound(FleetError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class AlreadyExists(FleetError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(FleetError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class Unavailable(FleetError):
     """A dependency (NATS, Valkey, the graph, vLLM, another service) cannot be reached."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class DeadlineExceeded(FleetError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class ResourceExhausted(FleetError):
     """A budget (tokens, queue) is used up."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.common.execution import test_source_problem
+
 # --- vocabulary ------------------------------------------------------------------------------------------
 
 
@@ -93,8 +95,51 @@ class PlanTask(Payload):
     description: str = Field(min_length=1, max_length=4000)
     role: Role
     requirements: list[ShortText] = Field(default_factory=list, max_length=20)
-    depends_on: list[Id] = Field(default_factory=list, max_length=50)
+    depends_on: list[Id] = Field(
+        default_factory=list,
+        max_length=50,
+        description="Task ids of this plan that must complete first; their winners become this task's context.",
+    )
     priority: int = Field(default=0, ge=0, le=10)
+    tests: str = Field(
+        "",
+        max_length=64_000,
+        description="Visible acceptance tests: one pytest file run against each proposal's solution.py.",
+    )
+
+    @field_validator("tests")
+    @classmethod
+    def _usable_tests(cls, tests: str) -> str:
+        if tests.strip() and (problem := test_source_problem(tests)):
+            raise ValueError(f"tests {problem}")
+        return tests
+
+
+def plan_dag_problem(tasks: list[PlanTask]) -> None:
+    """A plan's tasks form a DAG: every `depends_on` names another task of the plan, and no cycle. ValueError
+    naming the field (tasks[i].depends_on) otherwise."""
+    index = {t.task_id: i for i, t in enumerate(tasks)}
+    for i, t in enumerate(tasks):
+        for dep in t.depends_on:
+            if dep == t.task_id:
+                raise ValueError(f"tasks[{i}].depends_on: task {t.task_id} depends on itself")
+            if dep not in index:
+                raise ValueError(f"tasks[{i}].depends_on: {dep!r} is not a task of this plan")
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(task_id: str, path: list[str]) -> None:
+        state[task_id] = 1
+        for dep in tasks[index[task_id]].depends_on:
+            if state.get(dep) == 1:
+                cycle = " -> ".join([*path[path.index(dep) :], dep])
+                raise ValueError(f"tasks[{index[dep]}].depends_on: a cycle: {cycle}")
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[task_id] = 2
+
+    for t in tasks:
+        if t.task_id not in state:
+            visit(t.task_id, [t.task_id])
 
 
 class PlanApproved(Payload):
@@ -124,6 +169,8 @@ class PlanApproved(Payload):
     def _distinct_tasks(cls, tasks: list[PlanTask] | None) -> list[PlanTask] | None:
         if tasks is not None and len({t.task_id for t in tasks}) != len(tasks):
             raise ValueError("task ids must be unique")
+        if tasks:
+            plan_dag_problem(tasks)
         return tasks
 
     def requested_roles(self) -> list[Role]:
@@ -169,6 +216,8 @@ class DeliberationCompleted(Payload):
     duration_ms: int = 0
     total_tokens: int = 0
     context_version: str = ""
+    verified: bool = Field(False, description="The winner passed every gating check (its code ran against the tests)")
+    verified_reason: str = Field("", max_length=2000)
 
 
 class DeliberationFailed(Payload):

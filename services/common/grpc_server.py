@@ -41,13 +41,15 @@ def status_details(err: FleetError) -> status_pb2.Status:
         )
     else:
         detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN))
-    return status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    return status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message, details=[detail])
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: FleetError) -> None:
     status = status_details(err)
     await context.abort(
-        err.code, err.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+        grpc.StatusCode[err.code],
+        err.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )
 
 

@@ -1,6 +1,6 @@
-"""LLM call types shared by the engine (its LLM port) and the vLLM adapter.
+"""The vLLM adapter of the engine's LLM port: `VLLMClient` speaks vLLM's OpenAI-compatible chat API.
 
-The adapter (`VLLMClient`, below the types) speaks vLLM's OpenAI-compatible chat API.
+The call types (`LLMRequest`, `LLMResponse`, ...) are the port's, in services/deliberation/llm.py.
 """
 
 from __future__ import annotations
@@ -13,64 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-from services.common.errors import FleetError, Unavailable
+from services.common.errors import Unavailable
+from services.deliberation.llm import LLMError, LLMRequest, LLMResponse, TokenUsage
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-@dataclass(frozen=True)
-class LLMRequest:
-    """One chat completion. `json_schema` (a bounded JSON Schema) asks for a machine-read answer."""
-
-    messages: tuple[ChatMessage, ...]
-    request_id: str
-    temperature: float = 0.7
-    seed: int | None = None
-    max_tokens: int = 512
-    json_schema: dict[str, Any] | None = None
-    schema_name: str = "answer"
-    enable_thinking: bool = False
-
-
-@dataclass(frozen=True)
-class TokenUsage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def __add__(self, other: TokenUsage) -> TokenUsage:
-        return TokenUsage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
-
-
-@dataclass(frozen=True)
-class LLMResponse:
-    content: str
-    usage: TokenUsage = field(default_factory=TokenUsage)
-    reasoning: str | None = None
-    model: str = ""
-    finish_reason: str | None = None
-    latency_ms: float = 0.0
-    attempts: int = 1  # HTTP attempts the call took (1 = no retry)
-
-
-class LLMError(FleetError):
-    """The LLM server answered, but not usefully (a 4xx, an unparsable or schema-violating answer)."""
 
 
 # --- The vLLM adapter -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from services.common import events as ev
 from services.common.errors import InvalidArgument
 from services.common.events import DeliberationStatus, Role
+from services.common.execution import test_source_problem
 
 __all__ = [
     "AgentFailure",
@@ -198,13 +199,17 @@ def default_rubric(role: Role) -> tuple[Criterion, ...]:
 MAX_CRITERIA = 8
 MAX_REQUIREMENTS = 20
 MAX_ROUNDS = 5
+# Roles whose deliverable is code: their proposals must contain it (a ```python block), and it is executed.
+CODE_ROLES = frozenset({Role.DEV, Role.QA})
 
 
 @dataclass(frozen=True)
 class TaskConstraints:
     """Bounds of one deliberation. `token_budget` 0 = unlimited; `max_tokens` bounds each LLM call;
     `rounds` of peer review (0 = none); the architect chooses among the `top_k` best-scored proposals.
-    An empty rubric is replaced by the role's default rubric when the Task is built."""
+    `tests`: the task's visible acceptance tests (one pytest file that imports from `solution`), run against
+    every proposal's code in the sandbox. An empty rubric is replaced by the role's default rubric when the Task
+    is built."""
 
     rubric: tuple[Criterion, ...] = ()
     requirements: tuple[str, ...] = ()
@@ -213,6 +218,7 @@ class TaskConstraints:
     max_tokens: int = 512
     rounds: int = 1
     top_k: int = 3
+    tests: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rubric", tuple(self.rubric))
@@ -233,6 +239,10 @@ class TaskConstraints:
             raise InvalidArgument(
                 "constraints.requirements", f"at most {MAX_REQUIREMENTS}, got {len(self.requirements)}"
             )
+        if not isinstance(self.tests, str):
+            raise InvalidArgument("constraints.tests", f"must be pytest source text, got {type(self.tests).__name__}")
+        if self.tests.strip() and (problem := test_source_problem(self.tests)):
+            raise InvalidArgument("constraints.tests", problem)
 
     @classmethod
     def for_role(cls, role: Role | str, **overrides: Any) -> TaskConstraints:
@@ -256,7 +266,9 @@ def _number(
 @dataclass(frozen=True)
 class Task:
     """What a council deliberates on. `context` (from the context service) joins the council's shared prompt;
-    `context_version` is recorded in the result."""
+    `context_version` is recorded in the result. `base_code` is the code the task builds on (its plan
+    dependencies' winning code): shown to the agents, and saved as solution.py when a proposal brings no code of
+    its own (a QA task's tests run against DEV's code)."""
 
     task_id: str
     description: str
@@ -265,6 +277,7 @@ class Task:
     story_id: str = ""
     context: str = ""
     context_version: str = ""
+    base_code: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id.strip():
@@ -275,6 +288,12 @@ class Task:
         object.__setattr__(self, "role", Role.parse(self.role))
         if not self.constraints.rubric:
             object.__setattr__(self, "constraints", replace(self.constraints, rubric=default_rubric(self.role)))
+
+    @property
+    def is_code_task(self) -> bool:
+        """The one rule: a task that carries tests, or whose role's deliverable is code (DEV, QA), is a code task:
+        its proposals must contain the code (a ```python block), which is executed in the sandbox."""
+        return bool(self.constraints.tests.strip()) or self.role in CODE_ROLES
 
     @classmethod
     def create(
@@ -287,6 +306,7 @@ class Task:
         story_id: str = "",
         context: str = "",
         context_version: str = "",
+        base_code: str = "",
         **constraints: Any,
     ) -> Task:
         """A task with the role's default constraints (keyword `constraints` fields override them)."""
@@ -298,6 +318,7 @@ class Task:
             story_id=story_id,
             context=context,
             context_version=context_version,
+            base_code=base_code,
         )
 
 
@@ -309,6 +330,7 @@ class Revision:
     number: int  # 0 = the original proposal
     content: str
     reason: str
+    checks: tuple[CheckResult, ...] = ()  # what this revision's checks found (shown to its critic and author)
 
 
 @dataclass(frozen=True)
@@ -339,6 +361,12 @@ class Finding:
     block: int | None = None  # 1-based index of the fenced code block
 
 
+# Checks that keep a proposal out of the finals while another passes them all (`passes_gates`).
+GATING_CHECKS = frozenset(
+    {"complete", "deliverable", "python.syntax", "tests.task", "tests.own", "kubernetes.schema", "policy.secrets"}
+)
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
@@ -346,6 +374,20 @@ class CheckResult:
     applicable: bool = True
     findings: tuple[Finding, ...] = ()
     detail: str = ""  # what was checked
+    gating: bool | None = None  # None: decided by the name (GATING_CHECKS)
+
+    def __post_init__(self) -> None:
+        if self.gating is None:
+            object.__setattr__(self, "gating", self.name in GATING_CHECKS)
+
+    @property
+    def blocks(self) -> bool:
+        """A gating check that applied and failed."""
+        return bool(self.gating) and self.applicable and not self.passed
+
+
+def passes_gates(checks: tuple[CheckResult, ...] | list[CheckResult]) -> bool:
+    return not any(c.blocks for c in checks)
 
 
 @dataclass(frozen=True)
@@ -374,6 +416,16 @@ class RankedProposal:
     @property
     def finding_count(self) -> int:
         return sum(len(c.findings) for c in self.checks if c.applicable)
+
+    @property
+    def error_count(self) -> int:
+        """Error findings of the applicable checks (warnings do not count: they break no tie)."""
+        return sum(f.severity == "error" for c in self.checks if c.applicable for f in c.findings)
+
+    @property
+    def gated(self) -> bool:
+        """Passes every gating check that applied."""
+        return passes_gates(self.checks)
 
 
 @dataclass(frozen=True)
@@ -420,13 +472,14 @@ def rank_proposals(
     checks: dict[str, tuple[CheckResult, ...]],
     votes: list[Vote],
 ) -> list[RankedProposal]:
-    """Rank proposals by the combined score (best first).
+    """Rank proposals (best first): those that pass every gating check before those that do not, then by the
+    combined score.
 
     peer  = mean over the proposal's votes of each vote's mean criterion score (1..10); a proposal that got no
             vote while others did takes the mean peer score of those others (its voters failed, not it).
     check = 10 x passed / applicable checks (`check_score`).
     score = 0.7 x peer + 0.3 x check; peer alone when no check ran; check alone when nobody voted at all.
-    Ties: fewer check findings first, then author id. `checks` is keyed by proposal id.
+    Ties: fewer error findings first (warnings break no tie), then author id. `checks` is keyed by proposal id.
     """
     by_proposal = {p.proposal_id: [v for v in votes if v.proposal_id == p.proposal_id] for p in proposals}
     peers = {pid: sum(v.mean for v in vs) / len(vs) for pid, vs in by_proposal.items() if vs}
@@ -444,9 +497,9 @@ def rank_proposals(
             score = peer
         else:
             score = PEER_WEIGHT * peer + CHECK_WEIGHT * cs
-        findings = sum(len(c.findings) for c in own_checks if c.applicable)
-        rows.append((round(score, 4), findings, p, own_checks, peer, cs))
-    rows.sort(key=lambda r: (-r[0], r[1], r[2].author_id))
+        errors = sum(f.severity == "error" for c in own_checks if c.applicable for f in c.findings)
+        rows.append((round(score, 4), errors, p, own_checks, peer, cs))
+    rows.sort(key=lambda r: (not passes_gates(r[3]), -r[0], r[1], r[2].author_id))
     return [
         RankedProposal(
             rank=i,
@@ -459,6 +512,33 @@ def rank_proposals(
         )
         for i, (score, _, p, own_checks, peer, cs) in enumerate(rows, start=1)
     ]
+
+
+def verification(
+    task: Task, ranked: list[RankedProposal] | tuple[RankedProposal, ...], winner_id: str
+) -> tuple[bool, str]:
+    """Is the winner verified, and why (or why not): it must pass every gating check that applied, and for a code
+    task some tests must have been executed against it (the task's or its own)."""
+    winner = next((r for r in ranked if r.proposal.author_id == winner_id), None)
+    if winner is None:
+        return False, "no winner"
+    blocking = [c for c in winner.checks if c.blocks]
+    if blocking:
+        others = "no proposal passed every gating check" if not any(r.gated for r in ranked) else ""
+        what = "; ".join(f"{c.name}: {c.findings[0].message if c.findings else c.detail}" for c in blocking)
+        return False, f"the winner failed {what}" + (f" ({others})" if others else "")
+    executed = [c for c in winner.checks if c.name.startswith("tests.") and c.applicable]
+    if task.is_code_task and not executed:
+        return False, "no test was executed against the winner (the task has none and the proposal wrote none)"
+    gates = sorted(c.name for c in winner.checks if c.gating and c.applicable)
+    if not gates:
+        return True, "nothing to gate on: no code, manifest or secret to check"
+    passed = ", ".join(
+        f"{c.name} ({c.detail})" if c.name.startswith("tests.") else c.name
+        for c in winner.checks
+        if c.gating and c.applicable
+    )
+    return True, f"passed {passed}"
 
 
 # --- the result -------------------------------------------------------------------------------------------------
@@ -490,6 +570,9 @@ class DeliberationResult:
     executor: str = ""  # which executor ran the agent calls (set by the caller)
     story_id: str = ""
     context_note: str = ""  # why there was no context, when there was none (set by the caller)
+    verified: bool = False  # the winner passed every gating check (`verification`)
+    verified_reason: str = ""
+    notes: tuple[str, ...] = ()  # what went less than well without failing the deliberation
 
     @classmethod
     def pending(cls, deliberation_id: str, task: Task, council_id: str, executor: str = "") -> DeliberationResult:
@@ -562,6 +645,8 @@ class DeliberationResult:
                 checks_failed=sum(not c.passed for c in applicable),
                 total_tokens=self.total_tokens,
                 context_version=self.context_version,
+                verified=self.verified,
+                verified_reason=self.verified_reason,
             )
         status = self.status if self.status in (DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT) else "FAILED"
         return ev.DeliberationFailed(**common, status=status, error=self.error_message or "no winner")

@@ -1,17 +1,24 @@
-"""The deliberation engine (DESIGN.md section 2) over two ports: an LLM and an executor of agent calls.
+"""The deliberation engine (DESIGN.md section 2) over three ports: an LLM, an executor of agent calls, a checker.
 
-    GENERATE -> (CRITIQUE -> REVISE) x rounds -> CHECK -> SCORE -> SELECT
+    GENERATE -> (CHECK -> CRITIQUE -> REVISE) x rounds -> CHECK, while the peers SCORE -> SELECT
 
 Each phase hands all its agent calls to the executor at once (`Executor.run`), so they run concurrently: in
 this process with `InProcessExecutor`, or as Ray tasks with an executor that implements the same port
 elsewhere. `AgentCall` and `CallOutcome` are plain picklable dataclasses, and every call has a deterministic
 `request_id` ("<deliberation>:<phase>:<round>:<agent>[:<target>]") so a retried call is recognisable.
 
-The whole run is bounded by the task's `timeout_seconds` (status TIMEOUT, the phase named) and its
-`token_budget` (checked after every phase: status FAILED); either way the partial results are kept and ranked,
-with a fallback selection when any proposal exists. One agent failing is recorded in `failures` and the others
-go on; all agents failing in GENERATE ends the deliberation FAILED with the first error. `run()` never raises
-for LLM trouble.
+Grounding: every revision is checked (`Checker`: static checks, and for code tasks the code executed against the
+task's tests and its own in the sandbox) before its critic reviews it, and the critic and the author are shown
+what the checks found (failing tests with their assertions). The checks gate the finals: a proposal that fails a
+gating check is no finalist while another passes them all; when none does, the best candidate still wins but the
+result is not `verified` and says why. The architect never judges a deliberation it wrote a proposal in.
+
+The whole run is bounded by the task's `timeout_seconds` (status TIMEOUT, the phase named) and its `token_budget`
+(a phase whose projected tokens would not fit is not started: status FAILED; for SELECT the fallback decides
+instead); either way the partial results are kept and ranked, with a fallback selection when any proposal exists.
+One agent failing (an error, an unusable answer, a revision cut at max_tokens) is recorded in `failures` and the
+others go on (an original proposal cut at max_tokens is kept, failing the gating check `complete`); all agents
+failing in GENERATE ends the deliberation FAILED with the first error. `run()` never raises for LLM trouble.
 """
 
 from __future__ import annotations
@@ -21,14 +28,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, TypeVar
 
 from services.common import events as ev
 from services.common.errors import Unavailable
-from services.common.llm import LLMError, LLMRequest, LLMResponse
-from services.deliberation.checks import run_checks
 from services.deliberation.domain import (
     AgentFailure,
     AgentSpec,
@@ -37,6 +42,7 @@ from services.deliberation.domain import (
     Critique,
     DeliberationResult,
     DeliberationStatus,
+    Finding,
     Phase,
     ProgressEvent,
     Proposal,
@@ -47,7 +53,10 @@ from services.deliberation.domain import (
     UsageRecord,
     Vote,
     rank_proposals,
+    verification,
 )
+from services.deliberation.grounding import ProposalChecker
+from services.deliberation.llm import LLMError, LLMRequest, LLMResponse
 from services.deliberation.prompts import (
     SCHEMA_CRITIQUE,
     SCHEMA_PROPOSAL,
@@ -235,6 +244,13 @@ class ObservedExecutor:
 # --- the engine -------------------------------------------------------------------------------------------------
 
 
+class Checker(Protocol):
+    """Checks one proposal of a task (grounding.ProposalChecker: static checks, and the code executed in the
+    sandbox). Never raises for what it finds: every finding is a CheckResult."""
+
+    async def check(self, task: Task, content: str) -> tuple[CheckResult, ...]: ...
+
+
 class _Stop(Exception):
     """Ends a deliberation early as FAILED (budget exceeded, nobody proposed)."""
 
@@ -256,13 +272,15 @@ class _Run:
     phase: Phase | None = None
     proposals: dict[str, Proposal] = field(default_factory=dict)  # author id -> proposal, council order
     critiques: list[Critique] = field(default_factory=list)
-    checks: dict[str, tuple[CheckResult, ...]] = field(default_factory=dict)  # proposal id -> checks
+    checks: dict[str, tuple[CheckResult, ...]] = field(default_factory=dict)  # proposal id -> its latest checks
     votes: list[Vote] = field(default_factory=list)
     usage: list[UsageRecord] = field(default_factory=list)
     failures: list[AgentFailure] = field(default_factory=list)
     durations: dict[Phase, float] = field(default_factory=dict)
     ranked: list[RankedProposal] = field(default_factory=list)
     selection: Selection | None = None
+    notes: list[str] = field(default_factory=list)
+    cut: set[str] = field(default_factory=set)  # proposal ids whose original was cut at max_tokens
 
     @property
     def agents(self) -> tuple[AgentSpec, ...]:
@@ -284,12 +302,25 @@ class _Run:
             **kw,
         )
 
+    def checks_of(self, proposal: Proposal) -> tuple[CheckResult, ...]:
+        """The checks of the proposal's latest revision ((): not checked yet)."""
+        return proposal.revisions[-1].checks if proposal.revisions else ()
+
 
 @dataclass
 class _Note:
     """What a phase reports when it ends (its progress event's detail)."""
 
     detail: str = ""
+
+
+def projected_tokens(calls: Sequence[AgentCall]) -> int:
+    """A phase's tokens at most, before it runs: each prompt estimated at 3 characters a token (generous for
+    English and code, which average 3.5-4), each completion at its max_tokens."""
+    return sum(
+        sum(len(m.content) for m in c.request.messages) // 3 + 4 * len(c.request.messages) + c.request.max_tokens
+        for c in calls
+    )
 
 
 class DeliberationEngine:
@@ -302,10 +333,12 @@ class DeliberationEngine:
         executor: Executor,
         on_progress: Callable[[ProgressEvent], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        checker: Checker | None = None,
     ) -> None:
         self.executor = executor
         self.on_progress = on_progress
         self.clock = clock
+        self.checker: Checker = checker if checker is not None else ProposalChecker(None)
 
     async def run(
         self, task: Task, council: Council, architect: AgentSpec | None, deliberation_id: str
@@ -333,6 +366,11 @@ class DeliberationEngine:
             r.ranked = self._rank(r)  # whatever is known: checks and votes of the phases that finished
             if r.selection is None:
                 r.selection = self._fallback(r, f"the deliberation stopped early ({error})")
+        winner_id = r.selection.winner_id if r.selection else ""
+        if status == DeliberationStatus.COMPLETED:
+            verified, why = verification(task, r.ranked, winner_id)
+        else:
+            verified, why = False, f"the deliberation ended {status} before its checks could verify a winner"
         result = DeliberationResult(
             deliberation_id=deliberation_id,
             task_id=task.task_id,
@@ -343,7 +381,7 @@ class DeliberationEngine:
             results=tuple(r.ranked),
             critiques=tuple(r.critiques),
             selection=r.selection,
-            winner_id=r.selection.winner_id if r.selection else "",
+            winner_id=winner_id,
             usage=_merge_usage(r.usage),
             phase_durations_ms={p: round(r.durations[p], 3) for p in Phase if p in r.durations},
             failures=tuple(r.failures),
@@ -352,9 +390,13 @@ class DeliberationEngine:
             duration_ms=round((self.clock() - t0) * 1000, 3),
             context_version=task.context_version,
             story_id=task.story_id,
+            verified=verified,
+            verified_reason=why,
+            notes=tuple(r.notes),
         )
         outcome = f"{status}: {error}" if error else f"{status}: winner {result.winner_id or '-'}"
-        await self._emit(r, None, "deliberation_completed", detail=outcome)
+        verdict = "verified" if verified else "not verified"
+        await self._emit(r, None, "deliberation_completed", detail=f"{outcome} ({verdict}: {why})")
         return result
 
     # -- the phases
@@ -362,9 +404,10 @@ class DeliberationEngine:
     async def _deliberate(self, r: _Run) -> None:
         await self._generate(r)
         for round_ in range(1, r.task.constraints.rounds + 1):
+            await self._check(r)  # the critic and the author are shown what the checks found
             await self._review(r, round_)
-        # The checks call no LLM and peers score without them: they run while the peers score (the ARCHITECT's
-        # selection is the first to need them), so they stay off the deliberation's critical path.
+        # The last checks call no LLM and peers score without them: they run while the peers score (the ranking
+        # and the ARCHITECT's selection are the first to need them), off the deliberation's critical path.
         checking = asyncio.ensure_future(self._check(r))
         try:
             no_judgement = await self._score(r)
@@ -380,13 +423,17 @@ class DeliberationEngine:
         await self._select(r)
 
     async def _generate(self, r: _Run) -> None:
+        calls = []
+        for a in r.agents:
+            rid = call_id(r.deliberation_id, Phase.GENERATE, 0, a.agent_id)
+            messages = generate_messages(r.system, r.task, a)
+            calls.append(self._call(r, a, Phase.GENERATE, rid, r.request(a, rid, messages, SCHEMA_PROPOSAL)))
+        self._within_budget(r, Phase.GENERATE, calls)
         async with self._phase(r, Phase.GENERATE) as note:
-            calls = []
-            for a in r.agents:
-                rid = call_id(r.deliberation_id, Phase.GENERATE, 0, a.agent_id)
-                messages = generate_messages(r.system, r.task, a)
-                calls.append(self._call(r, a, Phase.GENERATE, rid, r.request(a, rid, messages, SCHEMA_PROPOSAL)))
-            for call, content in await self._fan_out(r, Phase.GENERATE, calls, lambda _, text: _free_text(text)):
+            cut: set[str] = set()
+            for call, content in await self._fan_out(r, Phase.GENERATE, calls, _free_text, whole=True, cut=cut):
+                if call.request_id in cut:
+                    r.cut.add(f"{r.deliberation_id}:{call.agent_id}")
                 r.proposals[call.agent_id] = Proposal(
                     proposal_id=f"{r.deliberation_id}:{call.agent_id}",
                     author_id=call.agent_id,
@@ -416,10 +463,11 @@ class DeliberationEngine:
                 continue
             critic = r.agents[(i + offset) % n]
             rid = call_id(r.deliberation_id, Phase.CRITIQUE, round_, critic.agent_id, author.agent_id)
-            messages = critique_messages(r.system, critic, proposal.content)
+            messages = critique_messages(r.system, r.task, critic, proposal.content, r.checks_of(proposal))
             request = r.request(critic, rid, messages, SCHEMA_CRITIQUE, json_schema=critique_schema())
             calls.append(self._call(r, critic, Phase.CRITIQUE, rid, request))
             targets[rid] = (critic, proposal)
+        self._within_budget(r, Phase.CRITIQUE, calls)
         async with self._phase(r, Phase.CRITIQUE) as note:
             answered = await self._fan_out(r, Phase.CRITIQUE, calls, lambda _, text: parse_critique(text))
             new: list[Critique] = []
@@ -446,44 +494,55 @@ class DeliberationEngine:
         for c in critiques:
             author, proposal = agents[c.author_id], r.proposals[c.author_id]
             rid = call_id(r.deliberation_id, Phase.REVISE, round_, author.agent_id)
-            messages = revise_messages(r.system, r.task, author, proposal.content, c.verdict, c.summary, c.issues)
+            messages = revise_messages(
+                r.system, r.task, author, proposal.content, c.verdict, c.summary, c.issues, r.checks_of(proposal)
+            )
             calls.append(self._call(r, author, Phase.REVISE, rid, r.request(author, rid, messages, SCHEMA_REVISION)))
             by_request[rid] = c
+        self._within_budget(r, Phase.REVISE, calls)
         async with self._phase(r, Phase.REVISE) as note:
-            revised = await self._fan_out(r, Phase.REVISE, calls, lambda _, text: _free_text(text))
+            revised = await self._fan_out(r, Phase.REVISE, calls, _free_text, whole=True)
             for call, content in revised:
                 c = by_request[call.request_id]
                 p = r.proposals[c.author_id]
                 reason = f"round {round_}: {c.critic_id} said {c.verdict}: {c.summary}"
-                r.proposals[c.author_id] = Proposal(
-                    p.proposal_id,
-                    p.author_id,
-                    p.author_role,
-                    content,
-                    (*p.revisions, Revision(len(p.revisions), content, reason)),
+                r.proposals[c.author_id] = replace(
+                    p, content=content, revisions=(*p.revisions, Revision(len(p.revisions), content, reason))
                 )
             note.detail = f"round {round_}: {len(revised)}/{len(calls)} proposals revised"
 
     async def _check(self, r: _Run) -> None:
+        """Check every proposal whose latest revision has not been checked (a failed revision keeps its checks)."""
+        todo = [p for p in r.proposals.values() if not r.checks_of(p)]
+        if not todo:
+            return
         async with self._phase(r, Phase.CHECK) as note:
-            proposals = list(r.proposals.values())
-            requirements = r.task.constraints.requirements
-            results = await asyncio.gather(*(asyncio.to_thread(run_checks, p.content, requirements) for p in proposals))
-            for p, checks in zip(proposals, results, strict=True):
+            results = await asyncio.gather(*(self.checker.check(r.task, p.content) for p in todo))
+            for p, checks in zip(todo, results, strict=True):
+                if p.proposal_id in r.cut and len(p.revisions) == 1:
+                    checks = (_cut_check(r.task.constraints.max_tokens), *checks)
+                latest = replace(p.revisions[-1], checks=tuple(checks))
+                r.proposals[p.author_id] = replace(p, revisions=(*p.revisions[:-1], latest))
                 r.checks[p.proposal_id] = tuple(checks)
                 applicable = [c for c in checks if c.applicable]
-                passed = sum(c.passed for c in applicable)
+                blocking = [c.name for c in checks if c.blocks]
+                summary = f"{sum(c.passed for c in applicable)}/{len(applicable)} checks passed"
                 await self._emit(
-                    r, Phase.CHECK, "agent_completed", p.author_id, f"{passed}/{len(applicable)} checks passed"
+                    r,
+                    Phase.CHECK,
+                    "agent_completed",
+                    p.author_id,
+                    summary + (f"; failed {', '.join(blocking)}" if blocking else ""),
                 )
-            note.detail = f"checked {len(proposals)} proposals"
+            note.detail = f"checked {len(todo)} proposal{'s' * (len(todo) != 1)}"
 
     async def _score(self, r: _Run) -> str:
         """Each agent scores every proposal but its own, in one call. Voter i sees the proposals in council order
         rotated to start after itself (author k at position (k - i - 1) mod n), so when every agent proposed,
         each proposal is shown once in every position; labels (A, B, ...) follow the position, not the author.
         Returns why, when the LLM answered none of the scoring calls (it is down: no peer judgement at all), else
-        "". Answers that came back unusable are the voters' failures: the ranking then rests on what is known."""
+        "". Answers, or candidates' scores within them, that came back unusable are recorded as the voters'
+        failures; with no usable vote at all the ranking rests on the checks, and the result notes it."""
         n = len(r.agents)
         order = {a.agent_id: i for i, a in enumerate(r.agents)}
         rubric = r.task.constraints.rubric
@@ -506,6 +565,7 @@ class DeliberationEngine:
             )
             calls.append(self._call(r, voter, Phase.SCORE, rid, request))
             shown[rid] = dict(zip(labs, candidates, strict=True))
+        self._within_budget(r, Phase.SCORE, calls)
         async with self._phase(r, Phase.SCORE) as note:
             if not calls:
                 note.detail = "skipped: no agent has a peer's proposal to score"
@@ -515,7 +575,8 @@ class DeliberationEngine:
             answered = await self._fan_out(
                 r, Phase.SCORE, calls, lambda call, text: parse_scores(text, list(shown[call.request_id]), r.keys)
             )
-            for call, answers in answered:
+            dropped = 0
+            for call, (answers, problems) in answered:
                 labs = list(shown[call.request_id])
                 for a in answers:
                     r.votes.append(
@@ -527,20 +588,38 @@ class DeliberationEngine:
                             reason=a.reason,
                         )
                     )
-            note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes"
+                for label, problem in problems:  # a dropped score leaves a trace: whose, and why
+                    dropped += 1
+                    author = shown[call.request_id][label].author_id
+                    await self._fail(r, Phase.SCORE, call.agent_id, f"unusable score for {author}: {problem}")
+            note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes" + (
+                f", {dropped} candidate scores unusable" if dropped else ""
+            )
         if answered or any(u.phase == Phase.SCORE for u in r.usage):  # usage is recorded for every LLM answer
+            if not r.votes:
+                r.notes.append("no usable peer vote: the ranking rests on the checks alone")
             return ""
         first = r.failures[failures_before].error if len(r.failures) > failures_before else "no answer"
         return f"no peer judgement: all {len(calls)} agents failed in SCORE: {first}"
 
     async def _select(self, r: _Run) -> None:
         async with self._phase(r, Phase.SELECT) as note:
-            top = r.ranked[: r.task.constraints.top_k]
+            gated = [x for x in r.ranked if x.gated]
+            if not gated:
+                r.notes.append("no proposal passed every gating check: the best candidate won, unverified")
+            top = (gated or r.ranked)[: r.task.constraints.top_k]
             architect = r.architect
+            authors = {p.author_id for p in r.proposals.values()}
             if architect is None:
                 r.selection = self._fallback(r, "no ARCHITECT agent was available")
+            elif architect.agent_id in authors:
+                r.notes.append(
+                    f"the architect {architect.agent_id} wrote a proposal: it may not judge, the fallback did"
+                )
+                r.selection = self._fallback(r, f"the architect {architect.agent_id} is an author of a proposal")
             elif len(top) == 1:
-                r.selection = self._fallback(r, "only one proposal reached the final")
+                why = "only one proposal passed every gating check" if gated else "only one proposal reached the final"
+                r.selection = self._fallback(r, why)
             else:
                 labs = labels(len(top))
                 finalists = [_finalist(lab, rp) for lab, rp in zip(labs, top, strict=True)]
@@ -548,20 +627,25 @@ class DeliberationEngine:
                 messages = select_messages(r.system, architect, finalists)
                 request = r.request(architect, rid, messages, SCHEMA_SELECTION, json_schema=selection_schema(labs))
                 call = self._call(r, architect, Phase.SELECT, rid, request)
-                failures_before = len(r.failures)
-                answered = await self._fan_out(r, Phase.SELECT, [call], lambda _, text: parse_selection(text, labs))
-                if answered:
-                    answer = answered[0][1]
-                    winner = top[labs.index(answer.label)]
-                    r.selection = Selection(
-                        winner_id=winner.proposal.author_id,
-                        method="ARCHITECT",
-                        rationale=answer.rationale,
-                        selected_by=architect.agent_id,
-                    )
+                budget = r.task.constraints.token_budget
+                if budget and r.tokens + projected_tokens([call]) > budget:
+                    r.notes.append(f"the token budget of {budget} left no room for the architect's selection")
+                    r.selection = self._fallback(r, "the token budget left no room for the architect's call")
                 else:
-                    why = r.failures[-1].error if len(r.failures) > failures_before else "no answer"
-                    r.selection = self._fallback(r, f"the architect {architect.agent_id} failed: {why}")
+                    failures_before = len(r.failures)
+                    answered = await self._fan_out(r, Phase.SELECT, [call], lambda _, t: parse_selection(t, labs))
+                    if answered:
+                        answer = answered[0][1]
+                        winner = top[labs.index(answer.label)]
+                        r.selection = Selection(
+                            winner_id=winner.proposal.author_id,
+                            method="ARCHITECT",
+                            rationale=answer.rationale,
+                            selected_by=architect.agent_id,
+                        )
+                    else:
+                        why = r.failures[-1].error if len(r.failures) > failures_before else "no answer"
+                        r.selection = self._fallback(r, f"the architect {architect.agent_id} failed: {why}")
             note.detail = f"{r.selection.method}: {r.selection.winner_id}"
 
     # -- helpers
@@ -570,28 +654,54 @@ class DeliberationEngine:
         return rank_proposals(list(r.proposals.values()), r.checks, r.votes)
 
     def _fallback(self, r: _Run, why: str) -> Selection:
-        """Deterministic: the best combined score, then the fewest check findings, then the author id
-        (the ranking's order)."""
+        """Deterministic: the ranking's first (gating checks passed, then the best combined score, then the fewest
+        error findings, then the author id)."""
         best = r.ranked[0]
         return Selection(
             winner_id=best.proposal.author_id,
             method="FALLBACK",
             rationale=(
-                f"Fallback selection because {why}. Chose {best.proposal.author_id}: the best combined score "
-                f"({best.score:.2f}/10, {best.finding_count} check findings); ties go to fewer check findings, "
-                "then the author id."
+                f"Fallback selection because {why}. Chose {best.proposal.author_id}: "
+                + ("it passed every gating check and had " if best.gated else "")
+                + f"the best combined score ({best.score:.2f}/10, {best.error_count} error findings); ties go to "
+                "fewer error findings, then the author id."
             ),
             selected_by=self.FALLBACK_BY,
         )
+
+    @staticmethod
+    def _within_budget(r: _Run, phase: Phase, calls: list[AgentCall]) -> None:
+        """Before a phase is dispatched: its projected tokens must fit in what is left of the budget."""
+        budget = r.task.constraints.token_budget
+        if not budget or not calls:
+            return
+        projected = projected_tokens(calls)
+        if r.tokens + projected > budget:
+            r.phase = phase
+            raise _Stop(
+                f"token budget of {budget} would be exceeded by the {phase} phase ({r.tokens} tokens used, "
+                f"{projected} projected): not started"
+            )
 
     @staticmethod
     def _call(r: _Run, agent: AgentSpec, phase: Phase, request_id: str, request: LLMRequest) -> AgentCall:
         return AgentCall(request_id, r.deliberation_id, agent.agent_id, phase, request)
 
     async def _fan_out(
-        self, r: _Run, phase: Phase, calls: list[AgentCall], parse: Callable[[AgentCall, str], T]
+        self,
+        r: _Run,
+        phase: Phase,
+        calls: list[AgentCall],
+        parse: Callable[..., T],
+        *,
+        whole: bool = False,
+        cut: set[str] | None = None,
     ) -> list[tuple[AgentCall, T]]:
-        """One executor.run for the phase; usage recorded; failures and unusable answers recorded per agent."""
+        """One executor.run for the phase; usage recorded; failures and unusable answers recorded per agent.
+        `whole`: an answer cut at max_tokens is a failure (a revision cut mid-code is broken: the previous revision
+        stands) unless `cut` is given, which collects the request ids of such answers instead (an original proposal
+        has no previous revision: it is kept, and a failing gating check says it was cut). `parse` takes
+        (call, text) or, for free text, (text,)."""
         if not calls:
             return []
         outcomes = await self.executor.run(calls)
@@ -606,11 +716,19 @@ class DeliberationEngine:
             if response is None or outcome.error is not None:
                 await self._fail(r, phase, call.agent_id, outcome.error or "no response")
                 continue
+            was_cut = response.finish_reason == "length"
+            if whole and was_cut:
+                if cut is None:
+                    stands = " (the previous revision stands)" if phase == Phase.REVISE else ""
+                    await self._fail(
+                        r, phase, call.agent_id, f"answer cut at max_tokens ({call.request.max_tokens}){stands}"
+                    )
+                    continue
+                cut.add(call.request_id)
             try:
-                value = parse(call, response.content)
+                value = parse(response.content) if whole else parse(call, response.content)
             except AnswerError as e:
-                cut = " (cut at max_tokens)" if response.finish_reason == "length" else ""
-                await self._fail(r, phase, call.agent_id, f"unusable answer{cut}: {e}")
+                await self._fail(r, phase, call.agent_id, f"unusable answer{' (cut at max_tokens)' * was_cut}: {e}")
                 continue
             done.append((call, value))
             tokens = response.usage.total_tokens
@@ -632,9 +750,6 @@ class DeliberationEngine:
         finally:
             r.durations[phase] = r.durations.get(phase, 0.0) + (self.clock() - start) * 1000
         await self._emit(r, phase, "phase_completed", detail=note.detail)
-        budget = r.task.constraints.token_budget
-        if budget and r.tokens > budget:
-            raise _Stop(f"token budget of {budget} exceeded after the {phase} phase ({r.tokens} tokens used)")
 
     async def _emit(
         self, r: _Run, phase: Phase | None, kind: Any, agent_id: str | None = None, detail: str = ""
@@ -646,6 +761,16 @@ class DeliberationEngine:
             await self.on_progress(event)
         except Exception:
             log.exception("progress callback failed for %s", r.deliberation_id)
+
+
+def _cut_check(max_tokens: int) -> CheckResult:
+    return CheckResult(
+        "complete",
+        False,
+        True,
+        (Finding(f"the answer was cut at max_tokens ({max_tokens}): it is probably incomplete"),),
+        "finish_reason of the answer",
+    )
 
 
 def _free_text(text: str) -> str:

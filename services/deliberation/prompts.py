@@ -1,8 +1,9 @@
 """Prompts, the bounded JSON schemas of the machine-read answers, and their tolerant parsers.
 
-Every call of a deliberation starts with the same system message (role, task, rubric, requirements, context),
-so vLLM's prefix cache serves it to the whole council and to the architect; what is specific to one agent and
-one phase (material to read, persona, instruction) comes last, in the user message.
+Every call of a deliberation starts with the same system message (role, task, its tests, the code it builds on,
+requirements, context), so vLLM's prefix cache serves it to the whole council and to the architect; what is
+specific to one agent and one phase (material to read, what the checks found, the rubric, persona, instruction)
+comes last, in the user message. Written for small models: short, code-first, one deliverable per answer.
 
 Schemas stay in a small JSON-Schema subset that guided decoding and the loopback test server both honour:
 object (properties, required, additionalProperties false), array (items, minItems, maxItems), string (enum,
@@ -21,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.llm import ChatMessage
-from services.deliberation.domain import AgentSpec, Criterion, Role, Task
+from services.deliberation.domain import AgentSpec, CheckResult, Criterion, Role, Task
+from services.deliberation.llm import ChatMessage
 
 # LLMRequest.schema_name per phase (free-text phases name theirs too, so fakes and logs can tell them apart).
 SCHEMA_PROPOSAL = "proposal"  # GENERATE: free text (markdown, code in fenced blocks)
@@ -36,6 +37,8 @@ ISSUE_MAX = 200
 ISSUES_MAX = 5
 REASON_MAX = 200
 RATIONALE_MAX = 600
+RATIONALE_MIN = 30  # "C" is not a rationale: at least a sentence (and at least RATIONALE_MIN_WORDS words)
+RATIONALE_MIN_WORDS = 3
 SCORE_MIN, SCORE_MAX = 1, 10
 VERDICTS = ("accept", "revise")
 LABELS = string.ascii_uppercase
@@ -74,30 +77,31 @@ def criterion_keys(rubric: Sequence[Criterion]) -> list[str]:
 
 
 def system_prompt(task: Task) -> str:
-    """The shared prefix: identical for every call of one deliberation."""
+    """The shared prefix: identical for every call of one deliberation. Short and code-first: the task, its tests
+    and the code it builds on come first; the rubric is given where it is used (critique, score), not here."""
     c = task.constraints
-    keys = criterion_keys(c.rubric)
-    rubric = "\n".join(f"- {k}: {cr.description or cr.name}" for k, cr in zip(keys, c.rubric, strict=True))
-    requirements = "\n".join(f"- {r}" for r in c.requirements) or "- (none beyond the task)"
-    parts = [
-        f"You are an agent of SWE AI Fleet on the {task.role} council. {ROLE_DESCRIPTIONS[task.role]}",
-        "Several agents solve the same task independently, review and revise each other's proposals, and score "
-        "them against the rubric; an ARCHITECT agent picks the winner.",
-        f"## Task {task.task_id}\n{task.description.strip()}",
-        f"## Rubric\n{rubric}",
-        f"## Requirements\n{requirements}",
-    ]
+    parts = [f"You are an agent of SWE AI Fleet on the {task.role} council. {ROLE_DESCRIPTIONS[task.role]}"]
+    parts.append(f"## Task {task.task_id}\n{task.description.strip()}")
+    if c.tests.strip():
+        parts.append(
+            "## Tests the code must pass (test_task.py; they import it from solution.py)\n"
+            f"```python\n{c.tests.strip()}\n```"
+        )
+    if task.base_code.strip():
+        parts.append(f"## Code it builds on (solution.py)\n```python\n{task.base_code.strip()}\n```")
+    if c.requirements:
+        parts.append("## Requirements\n" + "\n".join(f"- {r}" for r in c.requirements))
     if task.context.strip():
         version = f" (version {task.context_version})" if task.context_version else ""
         parts.append(f"## Context{version}\n{task.context.strip()}")
-    parts.append(
-        "## Rules\n"
-        "- Proposals are markdown: a short approach, the implementation with every piece of code in a fenced "
-        "block tagged with its language (```python, ```yaml, ```json), then risks and how to verify.\n"
-        "- Never write real secrets, credentials or tokens: use placeholders or environment references.\n"
-        "- Container images carry a pinned tag; no privileged containers.\n"
+    rules = (
+        "## Rules\n- Code goes in fenced blocks tagged with the language (```python, ```yaml, ```json).\n"
+        "- No real secrets, credentials or tokens: placeholders or environment references.\n"
         "- When asked for JSON, answer with the JSON object only."
     )
+    if not task.is_code_task:
+        rules += "\n- Container images carry a pinned tag; no privileged containers."
+    parts.append(rules)
     return "\n\n".join(parts)
 
 
@@ -105,40 +109,93 @@ def _you(agent: AgentSpec, what: str) -> str:
     return f"You are {agent.agent_id}, {what}. Your emphasis: {agent.persona}"
 
 
-def generate_instruction(task: Task, agent: AgentSpec) -> str:
+def deliverable(task: Task) -> str:
+    """What an answer must be, in one line (GENERATE and REVISE say the same)."""
+    if task.is_code_task and task.role == Role.QA and not task.constraints.tests.strip():
+        return (
+            "one ```python block of pytest tests (def test_... functions) for the code in solution.py "
+            "(`from solution import ...`), and nothing else"
+        )
+    if task.is_code_task:
+        tests = "" if task.constraints.tests.strip() else ", followed by a few pytest tests for it (def test_...)"
+        return f"one ```python block with the complete code of solution.py{tests}, and nothing else"
     return (
-        f"Write your proposal for task {task.task_id}.\n\n"
-        f"{_you(agent, f'a member of the {task.role} council')}\n"
-        "Be concrete and concise: the approach in a few bullets, the implementation (code in fenced blocks), "
-        "then risks and tests. Cover every requirement explicitly."
+        "a short approach in a few bullets, the artefact itself in fenced blocks (```yaml, ```json, ```sql ...), "
+        "then the risks in one or two lines"
     )
+
+
+def generate_instruction(task: Task, agent: AgentSpec) -> str:
+    return f"{_you(agent, f'a member of the {task.role} council')}\nAnswer with {deliverable(task)}."
 
 
 def generate_messages(system: str, task: Task, agent: AgentSpec) -> tuple[ChatMessage, ...]:
     return (ChatMessage("system", system), ChatMessage("user", generate_instruction(task, agent)))
 
 
-def critique_messages(system: str, critic: AgentSpec, content: str) -> tuple[ChatMessage, ...]:
+CHECKS_FINDINGS_SHOWN = 3
+
+
+def checks_summary(checks: Sequence[CheckResult]) -> str:
+    """What the checks found, for an agent to read: each failing check with its first findings (the failing tests
+    and their assertions), then the passing ones on one line."""
+    applicable = [c for c in checks if c.applicable]
+    if not applicable:
+        return "- nothing was checked"
+    lines = []
+    for c in applicable:
+        if c.passed:
+            continue
+        shown = "; ".join(f.message for f in c.findings[:CHECKS_FINDINGS_SHOWN]) or c.detail
+        more = f" (+{len(c.findings) - CHECKS_FINDINGS_SHOWN} more)" if len(c.findings) > CHECKS_FINDINGS_SHOWN else ""
+        lines.append(
+            f"- FAILED {c.name}{' (' + c.detail + ')' if c.detail and c.name.startswith('tests.') else ''}: "
+            f"{shown}{more}"
+        )
+    passed = [c.name + (f" ({c.detail})" if c.name.startswith("tests.") else "") for c in applicable if c.passed]
+    if passed:
+        lines.append(f"- passed: {', '.join(passed)}")
+    return "\n".join(lines)
+
+
+def _rubric(rubric: Sequence[Criterion]) -> str:
+    keys = criterion_keys(rubric)
+    return "\n".join(f"- {k}: {c.description or c.name}" for k, c in zip(keys, rubric, strict=True))
+
+
+def critique_messages(
+    system: str, task: Task, critic: AgentSpec, content: str, checks: Sequence[CheckResult] = ()
+) -> tuple[ChatMessage, ...]:
     user = (
         f"## Proposal under review (written by a peer)\n{content.strip()}\n\n"
+        f"## What the checks found (the code was run against the tests)\n{checks_summary(checks)}\n\n"
+        f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
         f"{_you(critic, 'reviewing this proposal')}\n"
-        "Review it against the rubric and the requirements. verdict: 'accept' if it can ship as it is, 'revise' "
-        f"otherwise. summary: one or two sentences (at most {SUMMARY_MAX} characters). issues: at most "
-        f"{ISSUES_MAX} concrete problems, most important first (at most {ISSUE_MAX} characters each). "
-        "Answer with the JSON object only."
+        "verdict: 'accept' if it can ship as it is, 'revise' otherwise (always 'revise' when a check failed). "
+        f"summary: one or two sentences (at most {SUMMARY_MAX} characters). issues: at most {ISSUES_MAX} concrete "
+        f"problems, most important first, each at most {ISSUE_MAX} characters (a failing test: say what the code "
+        "must do instead). Answer with the JSON object only."
     )
     return (ChatMessage("system", system), ChatMessage("user", user))
 
 
 def revise_messages(
-    system: str, task: Task, author: AgentSpec, current: str, verdict: str, summary: str, issues: Sequence[str]
+    system: str,
+    task: Task,
+    author: AgentSpec,
+    current: str,
+    verdict: str,
+    summary: str,
+    issues: Sequence[str],
+    checks: Sequence[CheckResult] = (),
 ) -> tuple[ChatMessage, ...]:
-    """The author's own generation turn replayed (so its prefix is cached too), then the critique."""
+    """The author's own generation turn replayed (so its prefix is cached too), then the evidence and the critique."""
     listed = "\n".join(f"- {i}" for i in issues) or "- (no specific issue)"
     user = (
-        f"A peer reviewed your proposal. Verdict: {verdict}.\nSummary: {summary}\nIssues:\n{listed}\n\n"
-        "Revise your proposal: fix the issues that are right, keep what works, and answer with the complete "
-        "revised proposal (not a diff), in the same format."
+        f"What the checks found when your proposal was run:\n{checks_summary(checks)}\n\n"
+        f"A peer reviewed it. Verdict: {verdict}.\nSummary: {summary}\nIssues:\n{listed}\n\n"
+        "Fix what the checks and the review show is wrong, keep what works. Answer with the complete revised "
+        f"proposal (not a diff): {deliverable(task)}."
     )
     return (
         ChatMessage("system", system),
@@ -155,7 +212,7 @@ def score_messages(
     shown = "\n\n".join(f"## Candidate {label}\n{content.strip()}" for label, content in candidates)
     keys = ", ".join(criterion_keys(rubric))
     user = (
-        f"{shown}\n\n"
+        f"{shown}\n\n## Rubric\n{_rubric(rubric)}\n\n"
         f"{_you(voter, 'scoring proposals written by your peers')}\n"
         f"Score every candidate ({', '.join(label for label, _ in candidates)}) on each rubric criterion ({keys}) "
         f"with an integer from {SCORE_MIN} (poor) to {SCORE_MAX} (excellent), judging the content only; the "
@@ -238,7 +295,12 @@ def score_max_tokens(n_candidates: int, keys: Sequence[str]) -> int:
 
 
 def selection_schema(candidate_labels: Sequence[str]) -> dict[str, Any]:
-    return _object({"winner": {"type": "string", "enum": list(candidate_labels)}, "rationale": _string(RATIONALE_MAX)})
+    return _object(
+        {
+            "winner": {"type": "string", "enum": list(candidate_labels)},
+            "rationale": _string(RATIONALE_MAX, RATIONALE_MIN),
+        }
+    )
 
 
 # --- parsing ----------------------------------------------------------------------------------------------------
@@ -320,27 +382,31 @@ class ScoreAnswer:
     reason: str
 
 
-def parse_scores(text: str, candidate_labels: Sequence[str], keys: Sequence[str]) -> list[ScoreAnswer]:
-    """The scores of the candidates answered validly (others are left out); none valid is an AnswerError."""
+def parse_scores(
+    text: str, candidate_labels: Sequence[str], keys: Sequence[str]
+) -> tuple[list[ScoreAnswer], list[tuple[str, str]]]:
+    """The scores of the candidates answered validly, and (label, problem) for each candidate whose score was
+    unusable (so the caller can record it); none valid is an AnswerError."""
     data = parse_json(text)
     if isinstance(data.get("scores"), dict) and not any(label in data for label in candidate_labels):
         data = data["scores"]  # tolerate a wrapper object
-    out, problems = [], []
+    out: list[ScoreAnswer] = []
+    problems: list[tuple[str, str]] = []
     for label in candidate_labels:
         entry = data.get(label)
         if not isinstance(entry, dict):
-            problems.append(f"no scores for candidate {label}")
+            problems.append((label, f"no scores for candidate {label}"))
             continue
         try:
             scores = {k: _integer(entry.get(k), f"{label}.{k}") for k in keys}
             reason = _text(entry, "reason", REASON_MAX, required=False)
         except AnswerError as e:
-            problems.append(str(e))
+            problems.append((label, str(e)))
             continue
         out.append(ScoreAnswer(label, scores, reason))
     if not out:
-        raise AnswerError("; ".join(problems) or "no candidate scored")
-    return out
+        raise AnswerError("; ".join(p for _, p in problems) or "no candidate scored")
+    return out, problems
 
 
 @dataclass(frozen=True)
@@ -350,9 +416,17 @@ class SelectionAnswer:
 
 
 def parse_selection(text: str, candidate_labels: Sequence[str]) -> SelectionAnswer:
+    """The winner must be a label the architect was shown, with a real reason: at least RATIONALE_MIN characters
+    and RATIONALE_MIN_WORDS words."""
     data = parse_json(text)
     raw = str(data.get("winner", "")).strip()
     label = re.sub(r"(?i)^candidate\s+", "", raw).strip().upper()
     if label not in candidate_labels:
         raise AnswerError(f"'winner' must be one of {', '.join(candidate_labels)}, got {raw!r:.40}")
-    return SelectionAnswer(label, _text(data, "rationale", RATIONALE_MAX))
+    rationale = _text(data, "rationale", RATIONALE_MAX)
+    if len(rationale) < RATIONALE_MIN or len(rationale.split()) < RATIONALE_MIN_WORDS:
+        raise AnswerError(
+            f"'rationale' must give a reason (at least {RATIONALE_MIN} characters, {RATIONALE_MIN_WORDS} words), "
+            f"got {rationale!r:.80}"
+        )
+    return SelectionAnswer(label, rationale)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import grpc
 import nats
 
+from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
 from services.common import events as ev
@@ -26,8 +27,25 @@ from services.common.settings import FleetSettings
 WATCHED = (ev.Streams.ORCHESTRATOR_EVENTS, ev.Streams.AGENT_RESPONSES)  # what the demo reports progress from
 
 
+SLUGIFY_TESTS = """from solution import slugify
+
+
+def test_lowercases_and_joins_words_with_dashes():
+    assert slugify("Hello World") == "hello-world"
+
+
+def test_drops_punctuation():
+    assert slugify("Hello, World!") == "hello-world"
+
+
+def test_collapses_spaces():
+    assert slugify("  many   spaces  ") == "many-spaces"
+"""
+
+
 def sample_plan(approved_by: str = "demo@swe-ai-fleet") -> ev.PlanApproved:
-    """A small plan for two councils: DEV writes a function, QA its tests."""
+    """A small plan for two councils: DEV writes a function against visible tests, then QA writes tests for DEV's
+    winning code (QA's task depends on DEV's: it starts when DEV's completed, and its tests run against that code)."""
     story = f"DEMO-{uuid.uuid4().hex[:6]}"
     return ev.PlanApproved(
         story_id=story,
@@ -42,12 +60,12 @@ def sample_plan(approved_by: str = "demo@swe-ai-fleet") -> ev.PlanApproved:
                 task_id=f"{story}-slugify",
                 role=ev.Role.DEV,
                 description="Write a Python function slugify(title: str) -> str: lowercase ASCII words joined by '-'.",
-                requirements=["tests"],
+                tests=SLUGIFY_TESTS,
             ),
             ev.PlanTask(
                 task_id=f"{story}-tests",
                 role=ev.Role.QA,
-                description="Write pytest tests for slugify: accents, punctuation, empty titles, long titles.",
+                description="Write pytest tests for slugify: punctuation, spaces, empty titles, long titles.",
                 depends_on=[f"{story}-slugify"],
             ),
         ],
@@ -70,7 +88,7 @@ async def follow(
     approval: ev.PlanApproved,
     say: Callable[[str], None],
     timeout: float = 900.0,
-) -> list[pb.GetDeliberationResultResponse]:
+) -> list[dpb.DeliberationResult]:
     """Publish `approval`, report its deliberations' progress until each requested role ended, return the results.
 
     Raises FleetError naming the roles still running when `timeout` passes."""
@@ -120,6 +138,6 @@ async def follow(
     async with grpc.aio.insecure_channel(endpoints["orchestrator"]) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         return [
-            await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=ended[role]))
+            (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=ended[role]))).result
             for role in sorted(ended)
         ]

@@ -464,6 +464,9 @@ class Control(BaseModel):
     fail_when_contains: str | None = None  # always fail chat calls whose messages contain this text ("" clears)
     fail_body: str | None = None  # raw body for injected failures instead of the OpenAI error JSON
     stream_abort_after: int | None = Field(None, ge=0)  # drop the next streamed call after N content chunks
+    # Scripted answers: a free-text call (no response_format) whose messages contain a key gets that key's text
+    # (the first key found, in order), e.g. {"agent-dev-001": "```python ...```"}; {} clears.
+    answer_when_contains: dict[str, str] | None = None
 
 
 @dataclass
@@ -478,6 +481,7 @@ class ServerState:
     fail_when_contains: str | None = None
     fail_body: str | None = None
     stream_abort_after: int | None = None
+    answer_when_contains: dict[str, str] = field(default_factory=dict)
     calls: int = 0
     failures: int = 0
     by_status: collections.Counter = field(default_factory=collections.Counter)
@@ -489,6 +493,7 @@ class ServerState:
         self.delay_ms, self.tokens_per_second = self.initial
         self.fail_status, self.fail_count, self.retry_after = 503, 0, None
         self.fail_when_contains = self.fail_body = self.stream_abort_after = None
+        self.answer_when_contains = {}
         self.calls = self.failures = 0
         self.by_status.clear()
         self.max_in_flight = self.in_flight
@@ -514,6 +519,7 @@ class ServerState:
             "fail_when_contains": self.fail_when_contains,
             "fail_body": self.fail_body,
             "stream_abort_after": self.stream_abort_after,
+            "answer_when_contains": self.answer_when_contains,
         }
 
     def begin(self) -> None:
@@ -579,9 +585,21 @@ def _validate(body: Any) -> tuple[list[dict[str, Any]], int, dict[str, Any] | No
     return messages, max_tokens, response_format
 
 
-def make_answer(body: dict[str, Any]) -> Answer:
+def make_answer(body: dict[str, Any], scripted: dict[str, str] | None = None) -> Answer:
     messages, max_tokens, response_format = _validate(body)
     texts = [f"{m.get('role')}: {message_text(m.get('content'))}" for m in messages]
+    if scripted and not response_format:
+        everything = "\n".join(texts)
+        answer = next((text for key, text in scripted.items() if key in everything), None)
+        if answer is not None:
+            pieces = split_tokens(answer)[:max_tokens]
+            return Answer(
+                content="".join(pieces),
+                reasoning=None,
+                prompt_tokens=sum(count_tokens(message_text(m.get("content"))) for m in messages),
+                completion_tokens=len(pieces),
+                finish_reason="length" if len(split_tokens(answer)) > max_tokens else "stop",
+            )
     digest = hashlib.sha256("\x00".join([str(body.get("seed")), *texts]).encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     kind = (response_format or {}).get("type", "text")
@@ -637,6 +655,8 @@ def create_app(*, model: str = DEFAULT_MODEL, delay_ms: float = 0, tokens_per_se
             state.retry_after = str(command.retry_after)
         if command.fail_when_contains is not None:
             state.fail_when_contains = command.fail_when_contains or None
+        if command.answer_when_contains is not None:
+            state.answer_when_contains = dict(command.answer_when_contains)
         return {"config": state.config(), "stats": state.stats()}
 
     @app.get("/control/stats")
@@ -679,7 +699,7 @@ def create_app(*, model: str = DEFAULT_MODEL, delay_ms: float = 0, tokens_per_se
             try:
                 if body is None:
                     raise RequestRejected(400, "the request body is not valid JSON")
-                answer = make_answer(body)
+                answer = make_answer(body, state.answer_when_contains)
             except RequestRejected as exc:
                 status = exc.status
                 return error_response(exc.status, exc.message, param=exc.param)
@@ -890,6 +910,13 @@ class ServerHandle:
             response = await client.get(f"{self.url}/control/stats")
             response.raise_for_status()
             return response.json()
+
+    async def arequests(self) -> list[dict[str, Any]]:
+        """The last 50 chat requests received (request id and JSON body), oldest first."""
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.get(f"{self.url}/control/requests")
+            response.raise_for_status()
+            return response.json()["requests"]
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM to the child's PID, SIGKILL if it has not exited within `timeout`."""

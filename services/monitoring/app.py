@@ -23,10 +23,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from services.common import events as ev
 from services.common.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from services.deliberation.domain import DeliberationResult, dump
 from services.monitoring.feed import (
     DEAD_LETTER_FAMILY,
     FAMILIES,
@@ -37,12 +38,7 @@ from services.monitoring.feed import (
     LiveFeed,
     StreamStatus,
 )
-from services.monitoring.orchestrator_client import (
-    Councils,
-    DeliberationResult,
-    OrchestratorClient,
-    OrchestratorStatus,
-)
+from services.monitoring.orchestrator_client import Councils, OrchestratorClient, OrchestratorStatus
 from services.monitoring.settings import MonitoringSettings
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -95,10 +91,67 @@ class Catalog(BaseModel):
     id_rule: str = Field(ID_RULE, description="the id rule in words")
 
 
-class ApprovalRequest(ev.PlanApproved):
-    """The catalog's PlanApproved, with `timestamp` defaulting to now (the page does not send it)."""
+# The request model of POST /api/approve-plan is derived from the catalog's PlanApproved and PlanTask (not written
+# again), so that its published schema is exactly what is accepted:
+# - strings are taken as sent (the catalog trims them before its checks; the published event has them trimmed),
+#   so a pattern or a maximum length means what it says;
+# - what the catalog's validators enforce is added to the schema where JSON Schema can state it (below); the rules
+#   across a plan's tasks (unique ids, depends_on a DAG) are stated in words in the `tasks` description;
+# - the body is read as strict JSON (no "3" for 3), with an integral number an integer as in JSON Schema (3.0 is 3).
 
-    timestamp: datetime | None = Field(None, description="when the plan was approved; now when absent")
+# JSON Schema patterns are searched, not matched: "some character that is not whitespace" (the catalog trims before
+# checking the length, so a required text of only whitespace is refused).
+NOT_BLANK = r"\S"
+TESTS_FORMAT = "pytest"  # a format of our own (JSON Schema allows them): pytest source defining a test function
+
+
+def _plan_task_rules(schema: dict[str, Any]) -> None:
+    properties = schema["properties"]
+    properties["description"]["pattern"] = NOT_BLANK
+    properties["tests"]["format"] = TESTS_FORMAT
+
+
+def _plan_rules(schema: dict[str, Any]) -> None:
+    properties = schema["properties"]
+    properties["approved_by"]["pattern"] = NOT_BLANK
+    roles = next(s for s in properties["roles"]["anyOf"] if s.get("type") == "array")
+    roles |= {"minItems": 1, "uniqueItems": True}
+    properties["tasks"]["description"] = (
+        "The plan's tasks: their task_id unique; each depends_on names other tasks of this plan, without a cycle "
+        "(422 naming tasks[i].depends_on otherwise)."
+    )
+
+
+def _integral(text: str) -> int | float:
+    number = float(text)
+    return int(number) if number.is_integer() else number
+
+
+class ApprovalTask(ev.PlanTask):
+    """A task of the plan (`tests`: its visible acceptance tests, pytest source that imports from `solution`)."""
+
+    model_config = ConfigDict(str_strip_whitespace=False, json_schema_extra=_plan_task_rules)
+
+
+class ApprovalRequest(ev.PlanApproved):
+    """The approval of a story's plan: the councils of `roles` (all five when absent) deliberate on its tasks.
+    `timestamp` is now when absent."""
+
+    model_config = ConfigDict(str_strip_whitespace=False, json_schema_extra=_plan_rules)
+
+    timestamp: AwareDatetime | None = Field(None, description="when the plan was approved; now when absent")
+    tasks: Annotated[list[ApprovalTask] | None, *ev.PlanApproved.model_fields["tasks"].metadata] = None
+
+    @classmethod
+    def read(cls, body: bytes) -> ApprovalRequest:
+        """The request in `body` (JSON), validated strictly: pydantic.ValidationError naming each bad field."""
+        return cls.model_validate_json(json.dumps(json.loads(body, parse_float=_integral)), strict=True)
+
+    def payload(self) -> ev.PlanApproved:
+        """The catalog's event payload, validated as its consumers validate it (strict JSON; strings trimmed)."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        data["timestamp"] = data.get("timestamp") or datetime.now(UTC).isoformat()
+        return ev.PlanApproved.model_validate_json(json.dumps(data), strict=True)
 
 
 class ApprovalAccepted(BaseModel):
@@ -306,13 +359,15 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         tags=["deliberations"],
         responses={404: {"model": Problem, "description": "No deliberation for this task"}, **ORCHESTRATOR_PROBLEMS},
     )
-    async def deliberation(task_id: Annotated[str, PathParam(pattern=ev.ID_PATTERN)]) -> DeliberationResult:
-        """The latest deliberation of a task (the orchestrator's GetDeliberationResult): proposals, revisions,
-        critiques, checks, votes, scores, the winner and the rationale."""
-        return await monitoring.orchestrator.deliberation(task_id)
+    async def deliberation(task_id: Annotated[str, PathParam(pattern=ev.ID_PATTERN)]) -> JSONResponse:
+        """The latest deliberation of a task (the orchestrator's GetDeliberationResult), as the domain's
+        DeliberationResult serialises itself: proposals, revisions and their checks, critiques, checks (the tests
+        run against each proposal's code, with the failing ones), votes, scores, the winner and the rationale,
+        whether the winner is verified and why, notes."""
+        return JSONResponse(dump(await monitoring.orchestrator.deliberation(task_id)))
 
     @app.get("/api/councils", response_model=Councils, tags=["councils"], responses=ORCHESTRATOR_PROBLEMS)
-    async def councils(role: ev.Role | None = None) -> Councils:
+    async def councils(role: ev.Role | None = None) -> Any:
         """Councils and their agents (the orchestrator's ListCouncils)."""
         return await monitoring.orchestrator.councils(role.value if role else "")
 
@@ -322,7 +377,7 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         tags=["councils"],
         responses=ORCHESTRATOR_PROBLEMS,
     )
-    async def orchestrator_status() -> OrchestratorStatus:
+    async def orchestrator_status() -> Any:
         """The orchestrator's GetStatus with its statistics."""
         return await monitoring.orchestrator.status()
 
@@ -345,13 +400,10 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             ),
         ] = None,
     ) -> ApprovalAccepted:
-        """Publish `planning.plan.approved`, validated with the catalog's PlanApproved exactly as its consumers
-        validate it (strict JSON). 422 names each bad field."""
-        raw = await request.json()  # `approval` passed the lax checks; now the consumers' strict ones
-        if raw.get("timestamp") is None:
-            raw["timestamp"] = datetime.now(UTC).isoformat()
-        try:
-            payload = ev.PlanApproved.model_validate_json(json.dumps(raw), strict=True)
+        """Publish `planning.plan.approved`. The body is validated as its schema says (strict JSON), then becomes the
+        event catalog's PlanApproved exactly as its consumers validate it. 422 names each bad field."""
+        try:  # `approval` passed FastAPI's lax checks; now the strict ones, on the body as it was sent
+            payload = ApprovalRequest.read(await request.body()).payload()
         except ValidationError as e:
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]

@@ -257,6 +257,10 @@ class DeliberationSummary(BaseModel):
     duration_ms: int = 0
     total_tokens: int = 0
     context_version: str = ""
+    verified: bool | None = Field(
+        None, description="the winner passed every gating check (its code ran against the tests); null until it ends"
+    )
+    verified_reason: str = Field("", description="why it is, or is not, verified")
     error: str = ""
     started_at: datetime | None = None
     updated_at: datetime
@@ -322,9 +326,11 @@ class DeliberationIndex:
                 s.selection_method, s.rationale = p.selection_method, p.rationale
                 s.checks_passed, s.checks_failed = p.checks_passed, p.checks_failed
                 s.duration_ms, s.total_tokens, s.context_version = p.duration_ms, p.total_tokens, p.context_version
+                s.verified, s.verified_reason = p.verified, p.verified_reason
             case ev.DeliberationFailed():
                 s.status = ev.DeliberationStatus(p.status)
                 s.error, s.duration_ms = p.error, p.duration_ms
+                s.verified = False  # no winner to verify: `error` says why
             case _:
                 if s.status == ev.DeliberationStatus.PENDING and not isinstance(p, ev.TaskDispatched):
                     s.status = ev.DeliberationStatus.IN_PROGRESS

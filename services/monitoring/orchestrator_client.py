@@ -1,24 +1,34 @@
 """The orchestrator's gRPC API as the dashboard reads it: councils, deliberation results, status.
 
-Proto messages become the JSON models below here and nowhere else. The client remembers whether the
-orchestrator answered last time (the page's banner) and fails fast while it is down: short deadlines and a
-short reconnect backoff, so the page recovers within seconds of the orchestrator's return.
+Nothing is mirrored by hand. A deliberation result comes back as the domain's `DeliberationResult`, through the
+contract's one mapping (services/deliberation/proto.py), and the API serves it with the domain's own serialisation.
+Councils and status, which have no domain result type, are protobuf's JSON mapping of the reply (`json_format`),
+validated by pydantic models generated from the proto descriptors themselves (`message_model`): every field the
+orchestrator sends is served and documented, and a mismatch fails loudly instead of dropping a field.
+
+The client remembers whether the orchestrator answered last time (the page's banner) and fails fast while it is
+down: short deadlines and a short reconnect backoff, so the page recovers within seconds of the orchestrator's
+return.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from fleet.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.common.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from services.deliberation.domain import DeliberationResult
+from services.deliberation.proto import result_from_proto
 
 log = logging.getLogger("fleet.monitoring.orchestrator")
 
@@ -30,169 +40,74 @@ class OrchestratorUnavailable(Unavailable):
     dependency = "orchestrator"
 
 
-# --- JSON models (mirroring specs/fleet/orchestrator/v1 and specs/fleet/deliberation/v1) -------------------------
+# --- protobuf's JSON mapping, and its pydantic models generated from the descriptors ------------------------------
+
+_SCALARS: dict[int, type] = {
+    FieldDescriptor.TYPE_DOUBLE: float,
+    FieldDescriptor.TYPE_FLOAT: float,
+    FieldDescriptor.TYPE_BOOL: bool,
+    FieldDescriptor.TYPE_STRING: str,
+    FieldDescriptor.TYPE_BYTES: str,  # base64 in protobuf's JSON mapping
+    **dict.fromkeys(
+        (
+            FieldDescriptor.TYPE_INT32,
+            FieldDescriptor.TYPE_INT64,
+            FieldDescriptor.TYPE_UINT32,
+            FieldDescriptor.TYPE_UINT64,
+            FieldDescriptor.TYPE_SINT32,
+            FieldDescriptor.TYPE_SINT64,
+            FieldDescriptor.TYPE_FIXED32,
+            FieldDescriptor.TYPE_FIXED64,
+            FieldDescriptor.TYPE_SFIXED32,
+            FieldDescriptor.TYPE_SFIXED64,
+        ),
+        int,
+    ),
+}
 
 
-def _strip(value: Any, prefix: str) -> Any:
-    return value.removeprefix(prefix) if isinstance(value, str) else value
-
-
-class Agent(BaseModel):
-    agent_id: str = ""
-    role: str = ""
-    persona: str = ""
-    temperature: float = 0.0
-    seed: int = 0
-
-
-class Council(BaseModel):
-    council_id: str = ""
-    role: str = ""
-    num_agents: int = 0
-    agents: list[Agent] = Field(default_factory=list)
-
-
-class Councils(BaseModel):
-    councils: list[Council]
-
-
-class Stats(BaseModel):
-    total_deliberations: int = 0
-    deliberations_by_status: dict[str, int] = Field(default_factory=dict)
-    average_duration_ms: float = 0.0
-    active_councils: int = 0
-    deliberations_by_role: dict[str, int] = Field(default_factory=dict)
-    in_flight: int = 0
-    executor: str = ""
-
-
-class OrchestratorStatus(BaseModel):
-    status: str = Field("", description='"SERVING" or "DEGRADED: <why>"')
-    uptime_seconds: int = 0
-    stats: Stats | None = None
-
-
-class Revision(BaseModel):
-    number: int = 0
-    content: str = ""
-    reason: str = ""
-
-
-class Proposal(BaseModel):
-    proposal_id: str = ""
-    author_id: str = ""
-    author_role: str = ""
-    content: str = ""
-    revisions: list[Revision] = Field(default_factory=list)
-
-
-class Finding(BaseModel):
-    message: str = ""
-    severity: str = ""
-    line: int = 0
-    block: int = 0
-
-
-class CheckResult(BaseModel):
-    name: str = ""
-    passed: bool = False
-    applicable: bool = False
-    findings: list[Finding] = Field(default_factory=list)
-    detail: str = ""
-
-
-class Vote(BaseModel):
-    voter_id: str = ""
-    proposal_id: str = ""
-    position: int = 0
-    scores: dict[str, int] = Field(default_factory=dict)
-    reason: str = ""
-
-
-class RankedProposal(BaseModel):
-    rank: int = 0
-    score: float = 0.0
-    proposal: Proposal = Field(default_factory=Proposal)
-    checks: list[CheckResult] = Field(default_factory=list)
-    votes: list[Vote] = Field(default_factory=list)
-    peer_score: float = 0.0
-    check_score: float = 0.0
-
-
-class Selection(BaseModel):
-    winner_id: str = ""
-    method: str = Field("", description="ARCHITECT, FALLBACK or UNKNOWN")
-    rationale: str = ""
-    selected_by: str = ""
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _short_method(cls, value: Any) -> Any:
-        return _strip(value, "SELECTION_METHOD_")
-
-
-class Critique(BaseModel):
-    round: int = 0
-    proposal_id: str = ""
-    critic_id: str = ""
-    author_id: str = ""
-    verdict: str = ""
-    summary: str = ""
-    issues: list[str] = Field(default_factory=list)
-
-
-class TokenUsage(BaseModel):
-    agent_id: str = ""
-    phase: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class PhaseDuration(BaseModel):
-    phase: str = ""
-    duration_ms: float = 0.0
-
-
-class AgentFailure(BaseModel):
-    agent_id: str = ""
-    phase: str = ""
-    error: str = ""
-
-
-class DeliberationResult(BaseModel):
-    task_id: str = ""
-    status: str = Field("", description="UNKNOWN, PENDING, IN_PROGRESS, COMPLETED, FAILED or TIMEOUT")
-    results: list[RankedProposal] = Field(default_factory=list, description="ranked proposals, best first")
-    winner_id: str = ""
-    duration_ms: int = 0
-    deliberation_id: str = ""
-    role: str = ""
-    council_id: str = ""
-    selection: Selection | None = None
-    critiques: list[Critique] = Field(default_factory=list)
-    usage: list[TokenUsage] = Field(default_factory=list)
-    phase_durations: list[PhaseDuration] = Field(default_factory=list)
-    failures: list[AgentFailure] = Field(default_factory=list)
-    error_message: str = ""
-    context_version: str = ""
-    context_note: str = Field("", description="why the council had no context from the context service, if it had none")
-    total_tokens: int = 0
-    executor: str = ""
-    story_id: str = ""
-
-    @field_validator("status", mode="before")
-    @classmethod
-    def _short_status(cls, value: Any) -> Any:
-        return _strip(value, "DELIBERATION_STATUS_")
-
-
-def to_dict(message: Message) -> dict[str, Any]:
+def to_json(message: Message) -> dict[str, Any]:
+    """protobuf's JSON mapping of `message`: proto field names, every field printed (defaults too), int64 as numbers
+    where they fit, enums by name."""
     return json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
         unquote_int64_if_possible=True,
     )
+
+
+def _value_type(field: FieldDescriptor) -> Any:
+    if field.message_type is not None:
+        if field.message_type.full_name.startswith("google.protobuf."):  # their JSON is not their fields
+            raise TypeError(f"{field.full_name}: well-known type {field.message_type.full_name} is not supported")
+        return message_model(field.message_type)
+    if field.enum_type is not None:
+        return Literal[tuple(v.name for v in field.enum_type.values)]
+    return _SCALARS[field.type]
+
+
+@functools.cache
+def message_model(descriptor: Descriptor) -> type[BaseModel]:
+    """The pydantic model of `to_json`'s output for messages of `descriptor`, field for field: maps become
+    `dict[str, V]`, repeated fields lists, fields with presence (messages, `optional`) `T | None` (absent when
+    unset); every other field is always there. Unknown fields are refused."""
+    fields: dict[str, Any] = {}
+    for f in descriptor.fields:
+        entry = f.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            fields[f.name] = (dict[str, _value_type(entry.fields_by_name["value"])], ...)  # type: ignore[misc]
+        elif f.is_repeated:
+            fields[f.name] = (list[_value_type(f)], ...)  # type: ignore[misc]
+        elif f.has_presence:
+            fields[f.name] = (_value_type(f) | None, None)
+        else:
+            fields[f.name] = (_value_type(f), ...)
+    return create_model(descriptor.name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+Councils = message_model(orchestrator_pb2.ListCouncilsResponse.DESCRIPTOR)
+OrchestratorStatus = message_model(orchestrator_pb2.GetStatusResponse.DESCRIPTOR)
 
 
 # --- the client ---------------------------------------------------------------------------------------------------
@@ -205,7 +120,6 @@ class OrchestratorClient:
         self.ok = False
         self.detail = "not contacted yet" if address else "not configured (ORCHESTRATOR_ADDRESS is empty)"
         self.since = datetime.now(UTC)
-        self.last_status: OrchestratorStatus | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
 
@@ -235,6 +149,8 @@ class OrchestratorClient:
         return f"orchestrator unavailable at {self.address}: {self.detail}"
 
     async def _call(self, method: str, request: Message) -> Any:
+        """The reply of `method`, or: OrchestratorUnavailable while it is down (503), NotFound (404),
+        InvalidArgument (422), FleetError for any other error it answers with (502)."""
         stub = self._connect()
         if stub is None:
             raise OrchestratorUnavailable(self.unavailable_message())
@@ -254,18 +170,25 @@ class OrchestratorClient:
         self._mark(True, "serving")
         return response
 
-    async def councils(self, role: str = "") -> Councils:
+    async def councils(self, role: str = "") -> BaseModel:
+        """ListCouncils with the agents (a `Councils`)."""
         req = orchestrator_pb2.ListCouncilsRequest(role_filter=role, include_agents=True)
-        return Councils.model_validate(to_dict(await self._call("ListCouncils", req)))
+        return Councils.model_validate(to_json(await self._call("ListCouncils", req)))
 
     async def deliberation(self, task_id: str) -> DeliberationResult:
-        req = orchestrator_pb2.GetDeliberationResultRequest(task_id=task_id)
-        return DeliberationResult.model_validate(to_dict(await self._call("GetDeliberationResult", req)))
+        """GetDeliberationResult as the domain's result; FleetError (502) when the reply is not a valid result."""
+        reply = await self._call(
+            "GetDeliberationResult", orchestrator_pb2.GetDeliberationResultRequest(task_id=task_id)
+        )
+        try:
+            return result_from_proto(reply.result)
+        except ValidationError as e:
+            raise FleetError(f"orchestrator GetDeliberationResult answered an invalid result: {e}") from None
 
-    async def status(self) -> OrchestratorStatus:
+    async def status(self) -> BaseModel:
+        """GetStatus with the statistics (an `OrchestratorStatus`)."""
         resp = await self._call("GetStatus", orchestrator_pb2.GetStatusRequest(include_stats=True))
-        self.last_status = OrchestratorStatus.model_validate(to_dict(resp))
-        return self.last_status
+        return OrchestratorStatus.model_validate(to_json(resp))
 
     async def poll(self, interval: float) -> None:
         """Probe the orchestrator forever, so the page's banner knows without anyone asking."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -28,6 +29,7 @@ from services.deliberation.domain import (
     Task,
     make_council,
 )
+from services.deliberation.grounding import program_of
 from services.orchestrator.adapters.valkey import TERMINAL
 
 log = logging.getLogger("fleet.orchestrator")
@@ -156,8 +158,10 @@ class Orchestrator:
         deliberation_id: str = "",
         correlation_id: str = "",
         on_progress: Progress | None = None,
+        annotate: Callable[[DeliberationResult], Awaitable[DeliberationResult]] | None = None,
     ) -> DeliberationResult:
-        """Run one deliberation of `task` by its role's council, recording it and publishing its events."""
+        """Run one deliberation of `task` by its role's council, recording it and publishing its events.
+        `annotate` amends the result before it is recorded and announced (a plan's linked outcomes)."""
         phase = StoryPhase.parse(phase, "phase")
         council = await self.store.council(task.role)
         if council is None:
@@ -224,6 +228,8 @@ class Orchestrator:
             context_version=task.context_version,
             context_note=context_note,
         )
+        if annotate is not None:
+            result = await annotate(result)
         await self.store.save(result)
         await self.store.drop_lease(deliberation_id)
         await self.publish(result.outcome_event(plan_id), cid)
@@ -246,7 +252,8 @@ class Orchestrator:
         return next((a for a in architects.agents if a.agent_id not in authors), architects.agents[0])
 
     async def _with_context(self, task: Task, phase: str) -> tuple[Task, str]:
-        """The task with its story's context for the role and phase, or the task alone and a note saying why."""
+        """The task with its story's context for the role and phase (after what the task already carries: its
+        plan dependencies' winners), or the task as it is and a note saying why."""
         if not task.story_id:
             return task, "no story: deliberated on the task alone"
         if self.context is None:
@@ -256,8 +263,9 @@ class Orchestrator:
         except Exception as e:
             note = f"context for story {task.story_id} unavailable ({e}): deliberated on the task alone"
             log.warning("%s", note)
-            return replace(task, context="", context_version=""), note
-        return replace(task, context=ctx.text, context_version=ctx.version), ""
+            return replace(task, context_version=""), note
+        context = "\n\n".join(x for x in (task.context, ctx.text) if x.strip())
+        return replace(task, context=context, context_version=ctx.version), ""
 
     async def _keep_lease(self, deliberation_id: str) -> None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -303,36 +311,110 @@ class Orchestrator:
     # --- plan approvals ---------------------------------------------------------------------------------------
 
     async def on_plan_approved(self, event: ev.Envelope[ev.PlanApproved]) -> None:
-        """One deliberation per (task, role), all roles at once. Idempotent: a redelivered or repeated approval
-        reruns only the deliberations that have not ended (their ids derive from the event id)."""
+        """One deliberation per (task, role). The plan is a DAG (validated in the catalog): a task starts when the
+        tasks it `depends_on` have completed, with their winning code as the code it builds on (`base_code`) and
+        their winning content in its context; independent tasks run at once. A task whose dependency did not
+        complete does not start: it is recorded FAILED, saying which. Idempotent: a redelivered or repeated
+        approval reruns only the deliberations that have not ended (their ids derive from the event id)."""
         plan = event.payload
-        jobs = [(t, _stable_id(event.event_id, t.task_id, t.role)) for t in plan_tasks(plan)]
-        outcomes = await asyncio.gather(
-            *(self._deliberate_once(t, did, plan.plan_id, event.correlation_id or event.event_id) for t, did in jobs),
-            return_exceptions=True,
-        )
+        cid = event.correlation_id or event.event_id
+        planned = plan_tasks(plan)
+        loop = asyncio.get_running_loop()
+        ended: dict[str, asyncio.Future[DeliberationResult]] = {p.task.task_id: loop.create_future() for p in planned}
+
+        async def one(p: PlannedTask) -> None:
+            did = _stable_id(event.event_id, p.task.task_id, p.task.role)
+            try:
+                deps = [await asyncio.shield(ended[d]) for d in p.depends_on]
+                blocked = [d for d in deps if d.status != DeliberationStatus.COMPLETED or d.winner is None]
+                if blocked:
+                    result = await self._not_started(p.task, did, plan.plan_id, cid, blocked)
+                else:
+                    link = functools.partial(self._link, deps=deps)
+                    result = await self._deliberate_once(_building_on(p.task, deps), did, plan.plan_id, cid, link)
+                ended[p.task.task_id].set_result(result)
+            except BaseException as e:
+                ended[p.task.task_id].set_exception(e)  # its dependents end too; the bus redelivers the approval
+                raise
+
+        outcomes = await asyncio.gather(*(one(p) for p in planned), return_exceptions=True)
+        for future in ended.values():  # retrieved: an exception is reported once, below
+            if future.done() and not future.cancelled():
+                future.exception()
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:  # infrastructure trouble (Valkey, NATS): let the bus retry the approval
             raise errors[0]
 
-    async def _deliberate_once(self, task: Task, deliberation_id: str, plan_id: str, cid: str) -> None:
+    async def _deliberate_once(
+        self,
+        task: Task,
+        deliberation_id: str,
+        plan_id: str,
+        cid: str,
+        annotate: Callable[[DeliberationResult], Awaitable[DeliberationResult]] | None = None,
+    ) -> DeliberationResult:
         existing = await self.store.get(deliberation_id)
         if existing is not None and (existing.status in TERMINAL and not _interrupted(existing)):
             log.info("approval already handled for %s (%s): %s", task.task_id, task.role, existing.status)
-            return
+            return existing
         if existing is not None and await self.store.lease_holder(deliberation_id):
             raise RuntimeError(f"deliberation {deliberation_id} is running elsewhere")
         try:
-            await self.deliberate(task, plan_id=plan_id, deliberation_id=deliberation_id, correlation_id=cid)
-        except FailedPrecondition as e:  # no council for the role: retrying will not help; record it
-            failed = replace(
-                DeliberationResult.pending(deliberation_id, task, "", self.runner.name),
-                status=DeliberationStatus.FAILED,
-                error_message=e.message,
-                finished_at=datetime.now(UTC),
+            return await self.deliberate(
+                task, plan_id=plan_id, deliberation_id=deliberation_id, correlation_id=cid, annotate=annotate
             )
-            await self.store.save(failed)
-            await self.publish(failed.outcome_event(plan_id), cid)
+        except FailedPrecondition as e:  # no council for the role: retrying will not help; record it
+            return await self._record_failed(task, deliberation_id, plan_id, cid, e.message)
+
+    async def _not_started(
+        self, task: Task, deliberation_id: str, plan_id: str, cid: str, blocked: list[DeliberationResult]
+    ) -> DeliberationResult:
+        existing = await self.store.get(deliberation_id)
+        if existing is not None and existing.status in TERMINAL:
+            return existing
+        why = "; ".join(
+            f"{d.task_id} ended {d.status}" + (f" ({d.error_message})" if d.error_message else "") for d in blocked
+        )
+        return await self._record_failed(task, deliberation_id, plan_id, cid, f"not started: its dependency {why}")
+
+    async def _record_failed(
+        self, task: Task, deliberation_id: str, plan_id: str, cid: str, why: str
+    ) -> DeliberationResult:
+        failed = replace(
+            DeliberationResult.pending(deliberation_id, task, "", self.runner.name),
+            status=DeliberationStatus.FAILED,
+            error_message=why,
+            finished_at=datetime.now(UTC),
+        )
+        await self.store.save(failed)
+        await self.publish(failed.outcome_event(plan_id), cid)
+        return failed
+
+    async def _link(self, result: DeliberationResult, deps: list[DeliberationResult]) -> DeliberationResult:
+        """A QA task built on DEV's code: its winning tests ran against DEV's winning code (its `tests.own` check);
+        that outcome is noted on both results before QA's is recorded and announced (once per note, however often
+        the approval is redelivered)."""
+        winner = result.winner
+        if result.role != Role.QA or winner is None:
+            return result
+        own = next((c for c in winner.checks if c.name == "tests.own" and c.applicable), None)
+        for dep in deps:
+            if dep.role != Role.DEV:
+                continue
+            if own is None:
+                what = "its winning proposal wrote no test that ran"
+            elif "against the code it builds on" not in own.detail:
+                what = "its winning proposal brought its own code, so its tests did not run against DEV's"
+            else:
+                first = f": {own.findings[0].message}" if own.findings else ""
+                what = f"{'passed' if own.passed else 'FAILED'}, {own.detail}{first}"
+            note = f"QA task {result.task_id}'s winning tests against DEV task {dep.task_id}'s winning code: {what}"
+            latest = await self.store.get(dep.deliberation_id) or dep
+            if note not in latest.notes:
+                await self.store.save(replace(latest, notes=(*latest.notes, note)))
+            if note not in result.notes:
+                result = replace(result, notes=(*result.notes, note))
+        return result
 
     # --- status --------------------------------------------------------------------------------------------
 
@@ -362,33 +444,60 @@ def _stable_id(*parts: str) -> str:
     return "delib-" + hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def plan_tasks(plan: ev.PlanApproved) -> list[Task]:
+@dataclass(frozen=True)
+class PlannedTask:
+    task: Task
+    depends_on: tuple[str, ...] = ()  # task ids of the same plan
+
+
+def _building_on(task: Task, deps: list[DeliberationResult]) -> Task:
+    """The task with its dependencies' winners: their code as the code it builds on, their content as context."""
+    if not deps:
+        return task
+    code = [program_of(d.winner.proposal.content).code for d in deps if d.winner is not None]
+    decided = [
+        f"### {d.task_id} ({d.role}), decided by its council\n{d.winner.proposal.content.strip()[:DEPENDENCY_CHARS]}"
+        for d in deps
+        if d.winner is not None
+    ]
+    context = "\n\n".join(x for x in ("\n\n".join(decided), task.context) if x.strip())
+    return replace(task, base_code="\n\n".join(c.rstrip() for c in code if c.strip()), context=context)
+
+
+DEPENDENCY_CHARS = 4000
+
+
+def plan_tasks(plan: ev.PlanApproved) -> list[PlannedTask]:
     """The tasks an approval asks for: its tasks of the requested roles, and one task per requested role
-    that has none. Without `roles`, the roles of its tasks (or all five when it has no tasks)."""
+    that has none. Without `roles`, the roles of its tasks (or all five when it has no tasks). A dependency on a
+    task of a role that was not requested is dropped (that task will not run)."""
     given = plan.tasks or []
     roles = list(plan.roles) if plan.roles else (list(dict.fromkeys(t.role for t in given)) or list(Role))
-    out: list[Task] = []
+    out: list[PlannedTask] = []
+    kept = {t.task_id for t in given if t.role in roles}
     for role in roles:
         mine = [t for t in given if t.role == role]
         for t in mine:
-            out.append(
-                Task.create(
-                    task_id=t.task_id,
-                    description=t.description,
-                    role=role,
-                    requirements=tuple(t.requirements),
-                    story_id=plan.story_id,
-                )
+            task = Task.create(
+                task_id=t.task_id,
+                description=t.description,
+                role=role,
+                requirements=tuple(t.requirements),
+                story_id=plan.story_id,
+                tests=t.tests,
             )
+            out.append(PlannedTask(task, tuple(d for d in t.depends_on if d in kept)))
         if not mine:
             what = plan.description or plan.title or f"the approved plan {plan.plan_id}"
             out.append(
-                Task.create(
-                    task_id=f"{plan.story_id}:{plan.plan_id}:{role}",
-                    description=f"Story {plan.story_id}, plan {plan.plan_id}: as the {role} council, propose "
-                    f"your part of {what}.",
-                    role=role,
-                    story_id=plan.story_id,
+                PlannedTask(
+                    Task.create(
+                        task_id=f"{plan.story_id}:{plan.plan_id}:{role}",
+                        description=f"Story {plan.story_id}, plan {plan.plan_id}: as the {role} council, propose "
+                        f"your part of {what}.",
+                        role=role,
+                        story_id=plan.story_id,
+                    )
                 )
             )
     return out

@@ -17,9 +17,11 @@ from services.common.grpc_server import GrpcServer
 from services.common.llm import VLLMClient
 from services.common.logging import configure_logging, correlation_id
 from services.common.metrics import start_metrics_server
+from services.common.sandbox import SandboxClient
 from services.common.settings import load_settings
 from services.common.valkey import SeenSet, connect_valkey, ping
 from services.deliberation.engine import DeliberationEngine, InProcessExecutor, ObservedExecutor
+from services.deliberation.grounding import ProposalChecker
 from services.orchestrator.adapters.context_client import ContextClient
 from services.orchestrator.adapters.grpc_api import OrchestratorServicer
 from services.orchestrator.adapters.ray_runner import RayExecutorRunner
@@ -36,13 +38,14 @@ class InProcessRunner:
 
     name = "in-process"
 
-    def __init__(self, llm: VLLMClient, bus: EventBus) -> None:
+    def __init__(self, llm: VLLMClient, bus: EventBus, checker: ProposalChecker) -> None:
         self.llm = llm
         self.bus = bus
+        self.checker = checker
 
     async def run(self, task, council, architect, deliberation_id, on_progress):
         executor = ObservedExecutor(InProcessExecutor(self.llm), self._publish, executor_name=self.name)
-        return await DeliberationEngine(executor, on_progress=on_progress).run(
+        return await DeliberationEngine(executor, on_progress=on_progress, checker=self.checker).run(
             task, council, architect, deliberation_id
         )
 
@@ -58,6 +61,7 @@ class RunningOrchestrator:
     llm: VLLMClient
     consumer: object
     valkey: object
+    sandbox: SandboxClient | None = None
     stopped: bool = False
 
     @property
@@ -73,6 +77,8 @@ class RunningOrchestrator:
         await self.bus.close()
         await self.llm.aclose()
         await self.valkey.aclose()  # type: ignore[attr-defined]
+        if self.sandbox is not None:
+            await self.sandbox.close()
         if self.app.context is not None:
             await self.app.context.close()  # type: ignore[attr-defined]
 
@@ -93,11 +99,13 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid))
 
     context = ContextClient(settings.context_address) if settings.context_address else None
+    sandbox = SandboxClient(settings.sandbox_address) if settings.sandbox_address else None
+    checker = ProposalChecker(sandbox, timeout_seconds=settings.sandbox_timeout_seconds)
     app = Orchestrator(
         ValkeyStore(valkey),
         RayExecutorRunner(settings.ray_executor_address, bus)
         if settings.executor == "ray"
-        else InProcessRunner(llm, bus),
+        else InProcessRunner(llm, bus, checker),
         publish,
         instance_id=f"{socket.gethostname()}:{os.getpid()}",
         context=context,
@@ -114,7 +122,7 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
     consumer = await bus.consume(
         ev.CONSUMERS["orchestrator-plan-approved"], app.on_plan_approved, concurrency=settings.approval_concurrency
     )
-    return RunningOrchestrator(app, server, bus, llm, consumer, valkey)
+    return RunningOrchestrator(app, server, bus, llm, consumer, valkey, sandbox)
 
 
 async def _serve(settings: OrchestratorSettings) -> None:
@@ -124,11 +132,12 @@ async def _serve(settings: OrchestratorSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "orchestrator ready on :%d (executor %s, vLLM %s, context %s)",
+        "orchestrator ready on :%d (executor %s, vLLM %s, context %s, sandbox %s)",
         running.port,
         running.app.runner.name,
         settings.vllm_url,
         settings.context_address or "none",
+        settings.sandbox_address or "none: proposals' code is not executed, nothing is verified",
     )
     await stop.wait()
     log.info("shutting down")

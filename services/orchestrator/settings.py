@@ -22,6 +22,10 @@ class OrchestratorSettings(FleetSettings):
     ray_executor_address: str = Field("", description="host:port of the ray-executor (EXECUTOR=ray)")
     context_address: str = Field("", description="host:port of the context service; empty: no context")
     context_token_budget: int = Field(2048, ge=256)
+    # The sandbox service (host:port) that runs each proposal's code against the tests (CHECK); empty: code is not
+    # executed, and no deliberation of a code task is verified.
+    sandbox_address: str = Field("", description="host:port of the sandbox service")
+    sandbox_timeout_seconds: float = Field(10.0, gt=0, le=60, description="wall-clock limit of one execution")
     # Plan approvals handled at once (each runs its roles' deliberations concurrently).
     approval_concurrency: int = Field(4, ge=1, le=64)
     default_num_agents: int = Field(3, ge=1, le=10)

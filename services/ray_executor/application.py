@@ -30,7 +30,7 @@ from services.common import events as ev
 from services.common.errors import AlreadyExists, NotFound, ResourceExhausted
 from services.common.events import DeliberationStatus
 from services.deliberation.domain import AgentSpec, Council, DeliberationResult, ProgressEvent, Task
-from services.deliberation.engine import AgentCall, CallOutcome, DeliberationEngine, ObservedExecutor
+from services.deliberation.engine import AgentCall, CallOutcome, Checker, DeliberationEngine, ObservedExecutor
 
 log = logging.getLogger("fleet.ray_executor")
 
@@ -104,12 +104,14 @@ class RayExecutorService:
         executors: ExecutorFactory,
         publish: Publish,
         *,
+        checker: Checker | None = None,
         ray_address: str = "",
         max_active: int = 64,
         keep_finished: int = 1000,
     ) -> None:
         self.executors = executors
         self.publish = publish
+        self.checker = checker
         self.ray_address = ray_address
         self.max_active = max_active
         self.keep_finished = keep_finished
@@ -202,7 +204,7 @@ class RayExecutorService:
                 if event.kind == "phase_started" and event.phase:
                     job.phase = str(event.phase)
 
-            result = await DeliberationEngine(observed, on_progress=progress).run(
+            result = await DeliberationEngine(observed, on_progress=progress, checker=self.checker).run(
                 r.task, r.council, r.architect, r.deliberation_id
             )
             result = replace(result, executor=EXECUTOR_NAME)

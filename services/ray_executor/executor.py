@@ -51,9 +51,10 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from services.common import events as ev
-from services.common.llm import LLMResponse, VLLMClient
+from services.common.llm import VLLMClient
 from services.common.settings import RAY_ENV
 from services.deliberation.engine import AgentCall, CallOutcome, ErrorKind, describe_error
+from services.deliberation.llm import LLMResponse
 
 log = logging.getLogger("fleet.ray_executor")
 

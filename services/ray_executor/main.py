@@ -20,7 +20,9 @@ from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer
 from services.common.logging import configure_logging
 from services.common.metrics import start_metrics_server
+from services.common.sandbox import SandboxClient
 from services.common.settings import load_settings
+from services.deliberation.grounding import ProposalChecker
 from services.ray_executor.adapters.grpc_api import RayExecutorServicer
 from services.ray_executor.application import DeliberationRequest, RayExecutorService
 from services.ray_executor.executor import AgentPool, CallSpec, RayConnection, RayExecutor, connect_ray
@@ -96,9 +98,11 @@ async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> Runn
         async def publish(payload: ev.Payload, cid: str) -> None:
             await bus.publish(ev.make_event(payload, ev.RAY_EXECUTOR, correlation_id=cid))
 
+        sandbox = SandboxClient(settings.sandbox_address) if settings.sandbox_address else None
         app = RayExecutorService(
             executor_factory(settings, pool),
             publish,
+            checker=ProposalChecker(sandbox, timeout_seconds=settings.sandbox_timeout_seconds),
             ray_address=ray.address,
             max_active=settings.max_active_deliberations,
             keep_finished=settings.finished_jobs_kept,
@@ -133,12 +137,13 @@ async def _serve(settings: RayExecutorSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "ray-executor ready on :%d (Ray %s, %d agent workers x %g CPU, vLLM %s)",
+        "ray-executor ready on :%d (Ray %s, %d agent workers x %g CPU, vLLM %s, sandbox %s)",
         running.port,
         running.ray.address,
         settings.ray_agent_workers,
         settings.ray_num_cpus_per_worker,
         settings.vllm_url,
+        settings.sandbox_address or "none: proposals' code is not executed, nothing is verified",
     )
     await stop.wait()
     log.info("shutting down")

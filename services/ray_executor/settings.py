@@ -35,5 +35,9 @@ class RayExecutorSettings(FleetSettings):
     # Token streaming: vllm.streaming.<deliberation>.<agent> chunks published by the Ray workers.
     token_streaming: bool = True
     token_batch_ms: float = Field(100.0, ge=5, le=5000)
+    # The sandbox service (host:port) that runs each proposal's code against the tests (CHECK); empty: code is not
+    # executed, and no deliberation of a code task is verified.
+    sandbox_address: str = Field("", description="host:port of the sandbox service")
+    sandbox_timeout_seconds: float = Field(10.0, gt=0, le=60, description="wall-clock limit of one execution")
     max_active_deliberations: int = Field(64, ge=1, le=10_000)
     finished_jobs_kept: int = Field(1000, ge=1, le=1_000_000)

@@ -96,11 +96,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def result_when_ended(orchestrator, task_id: str, timeout: float = 600) -> pb.GetDeliberationResultResponse:
+async def result_when_ended(orchestrator, task_id: str, timeout: float = 600) -> dpb.DeliberationResult:
     async with asyncio.timeout(timeout):
         while True:
             try:
-                reply = await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+                reply = (
+                    await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+                ).result
                 if reply.status in ENDED:
                     return reply
             except grpc.aio.AioRpcError as e:
@@ -147,7 +149,7 @@ async def test_a_plan_approval_is_deliberated_and_its_decision_lands_in_the_grap
     assert {p.phase for p in answered} >= {"GENERATE", "SCORE"}
     assert not events.of(ev.DeliberationFailed, mine)
 
-    result = await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+    result = (await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))).result
     assert result.status == COMPLETED and result.story_id == story and result.winner_id == done.winner_id
 
     # The context service consumed the same approval and the completed deliberation: the decision is in the graph.
@@ -166,10 +168,9 @@ async def test_deliberate_returns_ranked_proposals_with_a_winner(orchestrator):
         task_id=task_id,
         task_description=TASK,
         role="DEV",
-        rounds=1,
-        constraints=dpb.Constraints(requirements=["docstring"], timeout_seconds=600),
+        constraints=dpb.Constraints(requirements=["docstring"], timeout_seconds=600, rounds=1),
     )
-    reply = await orchestrator.Deliberate(request, timeout=660)
+    reply = (await orchestrator.Deliberate(request, timeout=660)).result
     assert reply.status == COMPLETED, reply.error_message
     assert [r.rank for r in reply.results] == [1, 2, 3]
     assert reply.results[0].score >= reply.results[-1].score
@@ -183,7 +184,7 @@ async def test_deliberate_returns_ranked_proposals_with_a_winner(orchestrator):
         assert {c.name for c in r.checks} >= {"python.syntax", "policy.secrets"}
         assert all(v.voter_id != r.proposal.author_id for v in r.votes)
 
-    again = await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+    again = (await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))).result
     assert again.status == COMPLETED and again.deliberation_id == reply.deliberation_id
     assert again.winner_id == reply.winner_id and len(again.results) == 3
 
@@ -206,10 +207,10 @@ async def test_vllm_stopped_mid_deliberation_fails_it_with_a_reason_and_the_next
     [started] = await events.wait(ev.DeliberationStarted, lambda p: p.task_id == task_id)
     await events.wait(ev.AgentResponseCompleted, lambda p: p.deliberation_id == started.deliberation_id)
     await asyncio.to_thread(local_fleet.kill, "vllm")  # mid-deliberation: some agents have answered, most not
-    reply = await running
+    reply = (await running).result
     assert reply.status in (dpb.DELIBERATION_STATUS_FAILED, dpb.DELIBERATION_STATUS_TIMEOUT)
     assert reply.error_message, "a failed deliberation says why"
-    stored = await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+    stored = (await orchestrator.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))).result
     assert stored.status == reply.status and stored.error_message == reply.error_message
 
     await asyncio.to_thread(local_fleet.restart, "vllm")
@@ -219,7 +220,7 @@ async def test_vllm_stopped_mid_deliberation_fails_it_with_a_reason_and_the_next
         role="DEV",
         constraints=dpb.Constraints(timeout_seconds=600),
     )
-    again = await orchestrator.Deliberate(request, timeout=660)
+    again = (await orchestrator.Deliberate(request, timeout=660)).result
     assert again.status == COMPLETED, again.error_message
 
 

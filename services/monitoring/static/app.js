@@ -189,7 +189,7 @@ function summary(ev) {
     case "orchestration.deliberation.started":
       return `${p.role} council ${p.council_id} started on ${p.task_id} with ${p.num_agents} agents${p.executor ? " (" + p.executor + ")" : ""}`;
     case "orchestration.deliberation.completed":
-      return `${p.role} on ${p.task_id}: winner ${p.winner_id} (score ${Number(p.winner_score).toFixed(2)}, ${p.selection_method}) in ${(p.duration_ms / 1000).toFixed(1)} s`;
+      return `${p.role} on ${p.task_id}: winner ${p.winner_id} (score ${Number(p.winner_score).toFixed(2)}, ${p.selection_method}) in ${(p.duration_ms / 1000).toFixed(1)} s, ${p.verified ? "VERIFIED" : "NOT VERIFIED"}${p.verified_reason ? ": " + p.verified_reason : ""}`;
     case "orchestration.deliberation.failed":
       return `${p.role} on ${p.task_id}: ${p.status}: ${p.error}`;
     case "agent.request.dispatched":
@@ -346,8 +346,19 @@ async function loadCouncils() {
 
 // --- deliberations -------------------------------------------------------------------------------------------------
 
+const TERMINAL = new Set(["COMPLETED", "FAILED", "TIMEOUT"]);
+
 function statusBadge(status) {
   return h("span", { class: `badge status-${String(status).toLowerCase()}` }, status);
+}
+
+// VERIFIED / NOT VERIFIED (did the winner pass every gating check: its code run against the tests) with the reason.
+// Nothing while the deliberation runs (`verified` null).
+function verifiedBadge(verified, reason, big) {
+  if (verified === null || verified === undefined) return null;
+  return h("div", { class: `verdict ${verified ? "yes" : "no"}${big ? " big" : ""}`, dataset: { verified: String(verified) } },
+    h("span", { class: "verdict-badge" }, verified ? "VERIFIED" : "NOT VERIFIED"),
+    reason ? h("span", { class: "verdict-reason" }, reason) : null);
 }
 
 async function loadDeliberations() {
@@ -355,8 +366,9 @@ async function loadDeliberations() {
   const r = await api(`/api/deliberations?limit=200${story ? "&story=" + encodeURIComponent(story) : ""}`);
   if (!r.ok) return;
   const rows = r.body.map((d) =>
-    h("tr", { class: `clickable${d.task_id === state.selectedTask ? " selected" : ""}`, onclick: () => d.task_id && showDeliberation(d.task_id, true) },
+    h("tr", { class: `clickable${d.task_id === state.selectedTask ? " selected" : ""}`, dataset: { task: d.task_id }, onclick: () => d.task_id && showDeliberation(d.task_id, true) },
       h("td", {}, statusBadge(d.status)),
+      h("td", { class: "verified-cell" }, verifiedBadge(d.verified, d.verified_reason || d.error)),
       h("td", {}, d.role),
       h("td", { class: "mono" }, d.task_id),
       h("td", {}, d.story_id),
@@ -387,18 +399,26 @@ async function showDeliberation(taskId, scroll) {
     return;
   }
   const d = r.body;
-  const sel = d.selection || {};
+  const sel = d.selection;
+  const tokens = d.usage.reduce((n, u) => n + u.prompt_tokens + u.completion_tokens, 0);
+  const winner = d.results.find((rp) => d.winner_id && rp.proposal.author_id === d.winner_id);
   const parts = [
     h("h2", {}, `Task ${d.task_id} `, statusBadge(d.status)),
-    h("p", { class: "muted" }, `${d.role} · council ${d.council_id} · deliberation ${d.deliberation_id} · story ${d.story_id || "-"} · ${d.executor || "?"} executor · ${(d.duration_ms / 1000).toFixed(1)} s · ${d.total_tokens} tokens${d.context_version ? " · context " + d.context_version : ""}`),
+    TERMINAL.has(d.status) ? verifiedBadge(d.verified, d.verified_reason || d.error_message, true) : null,
+    h("p", { class: "muted" }, `${d.role} · council ${d.council_id} · deliberation ${d.deliberation_id} · story ${d.story_id || "-"} · ${d.executor || "?"} executor · ${(d.duration_ms / 1000).toFixed(1)} s · ${tokens} tokens${d.context_version ? " · context " + d.context_version : ""}`),
   ];
   if (d.error_message) parts.push(h("p", { class: "error" }, d.error_message));
   if (d.context_note) parts.push(h("p", { class: "muted" }, `context: ${d.context_note}`));
-  if (sel.winner_id) {
-    parts.push(section("Winner", h("p", {}, h("strong", {}, sel.winner_id), ` chosen by ${sel.method}${sel.selected_by ? " (" + sel.selected_by + ")" : ""}`), h("blockquote", { class: "rationale" }, sel.rationale || "(no rationale)")));
+  if (d.notes.length) parts.push(section("Notes", h("ul", { class: "notes" }, d.notes.map((n) => h("li", {}, n)))));
+  if (sel) {
+    parts.push(section("Winner",
+      h("p", {}, h("strong", {}, sel.winner_id), ` chosen by ${sel.method}${sel.selected_by ? " (" + sel.selected_by + ")" : ""}`),
+      h("blockquote", { class: "rationale" }, sel.rationale || "(no rationale)"),
+      winner ? h("pre", { class: "content winner-code" }, winner.proposal.content) : null));
   }
-  if (d.phase_durations.length) {
-    parts.push(section("Phases", h("p", {}, d.phase_durations.map((p) => h("span", { class: "chip" }, `${p.phase} ${Math.round(p.duration_ms)} ms`)))));
+  const phases = Object.entries(d.phase_durations_ms);
+  if (phases.length) {
+    parts.push(section("Phases", h("p", {}, phases.map(([phase, ms]) => h("span", { class: "chip" }, `${phase} ${Math.round(ms)} ms`)))));
   }
   parts.push(section(`Proposals (${d.results.length})`, ...d.results.map((rp) => proposalCard(rp, d.winner_id))));
   if (d.critiques.length) {
@@ -420,23 +440,54 @@ async function showDeliberation(taskId, scroll) {
   if (scroll) box.scrollIntoView({ block: "nearest" });
 }
 
+const checkState = (c) => (!c.applicable ? "na" : c.passed ? "pass" : "fail");
+const CHECK_MARK = { pass: "✓ pass", fail: "✗ FAIL", na: "– n/a" };
+
+function findingText(f) {
+  const where = [f.block ? `block ${f.block}` : "", f.line ? `line ${f.line}` : ""].filter(Boolean).join(" ");
+  return `${f.severity}${where ? " (" + where + ")" : ""}: ${f.message}`;
+}
+
+const gatingBadge = (c) => (c.gating ? h("span", { class: "badge gating", title: "gating: failing it keeps a proposal out of the finals" }, "gating") : null);
+
+// Each check that applied: pass / FAIL, gating marked, what it checked, and its findings (for tests.*: the failing
+// tests and their assertions). The checks that had nothing to check: one line of names (n/a).
+function checkList(checks) {
+  const applied = checks.filter((c) => c.applicable);
+  const na = checks.filter((c) => !c.applicable);
+  return h("ul", { class: "checks" },
+    applied.map((c) => {
+      const s = checkState(c);
+      return h("li", { class: `check ${s}`, dataset: { check: c.name, state: s } },
+        h("span", { class: "mark" }, CHECK_MARK[s]), " ", h("strong", {}, c.name), gatingBadge(c),
+        c.detail ? h("span", { class: "muted" }, ` ${c.detail}`) : null,
+        c.findings.length ? h("ul", { class: "findings" }, c.findings.map((f) => h("li", { class: `finding ${f.severity}` }, findingText(f)))) : null);
+    }),
+    na.length
+      ? h("li", { class: "check-na" }, h("span", { class: "mark" }, CHECK_MARK.na), " ",
+          na.map((c) => h("span", { class: "check na", dataset: { check: c.name, state: "na" }, title: c.detail }, c.name, gatingBadge(c))))
+      : null);
+}
+
+// The names of the checks a revision failed: revisions worth opening are those whose failures changed (a fix).
+const failedNames = (checks) => checks.filter((c) => checkState(c) === "fail").map((c) => c.name).join(",");
+
 function proposalCard(rp, winnerId) {
-  const p = rp.proposal || {};
-  const winner = p.author_id && p.author_id === winnerId;
-  return h("div", { class: `card proposal${winner ? " winner" : ""}` },
+  const p = rp.proposal;
+  const winner = winnerId && p.author_id === winnerId;
+  return h("div", { class: `card proposal${winner ? " winner" : ""}`, dataset: { author: p.author_id } },
     h("div", { class: "proposal-head" },
       h("strong", {}, `#${rp.rank} ${p.author_id}`), winner ? h("span", { class: "badge status-completed" }, "winner") : null,
       h("span", { class: "muted" }, ` score ${rp.score.toFixed(2)} (peers ${rp.peer_score.toFixed(2)}, checks ${rp.check_score.toFixed(2)})`)),
+    rp.checks.length ? checkList(rp.checks) : null,
     h("pre", { class: "content" }, p.content),
-    p.revisions && p.revisions.length > 1
-      ? h("details", {}, h("summary", {}, `${p.revisions.length} revisions`), p.revisions.map((rv) => h("div", { class: "revision" }, h("strong", {}, `revision ${rv.number}`), rv.reason ? ` — ${rv.reason}` : "", h("pre", {}, rv.content))))
-      : null,
-    rp.checks.length
-      ? h("div", { class: "checks" }, rp.checks.map((c) =>
-          h("details", { class: `check ${!c.applicable ? "na" : c.passed ? "pass" : "fail"}` },
-            h("summary", {}, `${!c.applicable ? "–" : c.passed ? "✓" : "✗"} ${c.name}`),
-            c.detail ? h("p", {}, c.detail) : null,
-            c.findings.length ? h("ul", {}, c.findings.map((f) => h("li", {}, `${f.severity}${f.block ? " block " + f.block : ""}${f.line ? " line " + f.line : ""}: ${f.message}`))) : null)))
+    p.revisions.length > 1
+      ? h("details", { class: "revisions", open: new Set(p.revisions.map((rv) => failedNames(rv.checks))).size > 1 },
+          h("summary", {}, `${p.revisions.length} revisions`),
+          p.revisions.map((rv) => h("div", { class: "revision", dataset: { revision: rv.number } },
+            h("strong", {}, `revision ${rv.number}`), rv.reason ? ` — ${rv.reason}` : "",
+            rv.checks.length ? checkList(rv.checks) : h("p", { class: "muted" }, "not checked"),
+            h("details", {}, h("summary", {}, "code"), h("pre", {}, rv.content)))))
       : null,
     rp.votes.length
       ? h("table", { class: "small votes" },
@@ -449,6 +500,7 @@ function proposalCard(rp, winnerId) {
 function eventSummary(s) {
   return h("div", { class: "card" },
     h("p", {}, statusBadge(s.status), ` ${s.role} · deliberation ${s.deliberation_id} · agents ${s.agents.join(", ") || "?"}`),
+    verifiedBadge(s.verified, s.verified_reason || s.error),
     s.winner_id ? h("p", {}, `Winner ${s.winner_id} (score ${Number(s.winner_score).toFixed(2)}, ${s.selection_method})`) : null,
     s.rationale ? h("blockquote", { class: "rationale" }, s.rationale) : null,
     s.winner_content ? h("pre", { class: "content" }, s.winner_content) : null,
@@ -461,13 +513,19 @@ function eventSummary(s) {
 
 function addTaskRow(task) {
   const index = $("f-tasks").children.length;
-  const roleSelect = h("select", { name: "role" }, state.catalog.roles.map((r) => h("option", { value: r }, r)));
+  const n = index + 1;
+  const roleSelect = h("select", { name: "role", "aria-label": `task ${n} role` }, state.catalog.roles.map((r) => h("option", { value: r }, r)));
   if (task && task.role) roleSelect.value = task.role;
+  const field = (name, cls, ...control) => h("div", { class: `field${cls ? " " + cls : ""}`, dataset: { field: `tasks.${index}.${name}` } }, ...control, h("div", { class: "field-error" }));
   const row = h("div", { class: "task-row" },
-    h("div", { class: "field", dataset: { field: `tasks.${index}.task_id` } }, h("input", { name: "task_id", placeholder: "task id", "aria-label": `task ${index + 1} id` }), h("div", { class: "field-error" })),
-    h("div", { class: "field", dataset: { field: `tasks.${index}.role` } }, roleSelect, h("div", { class: "field-error" })),
-    h("div", { class: "field grow", dataset: { field: `tasks.${index}.description` } }, h("input", { name: "description", placeholder: "what to do", "aria-label": `task ${index + 1} description` }), h("div", { class: "field-error" })),
-    h("button", { type: "button", class: "secondary remove", title: "remove this task", onclick: () => { row.remove(); renumberTasks(); } }, "×"),
+    h("div", { class: "task-main" },
+      field("task_id", "", h("input", { name: "task_id", placeholder: "task id", "aria-label": `task ${n} id` })),
+      field("role", "", roleSelect),
+      field("description", "grow", h("input", { name: "description", placeholder: "what to do", "aria-label": `task ${n} description` })),
+      h("button", { type: "button", class: "secondary remove", title: "remove this task", onclick: () => { row.remove(); renumberTasks(); } }, "×"),
+    ),
+    field("depends_on", "", h("input", { name: "depends_on", placeholder: "depends on (task ids, comma-separated; optional)", "aria-label": `task ${n} depends on` })),
+    field("tests", "", h("textarea", { name: "tests", rows: 4, spellcheck: "false", placeholder: "acceptance tests (optional): pytest source that imports from solution\n\nfrom solution import slugify\n\ndef test_spaces():\n    assert slugify(\"a b\") == \"a-b\"", "aria-label": `task ${n} tests` })),
   );
   $("f-tasks").append(row);
 }
@@ -489,10 +547,14 @@ function formData() {
   const roles = [...form.querySelectorAll("#f-roles input:checked")].map((i) => i.value);
   if (roles.length) data.roles = roles;
   const tasks = [...$("f-tasks").children].map((row) => {
-    const t = { role: row.querySelector("select").value };
+    const t = { role: row.querySelector("[name=role]").value };
     const id = row.querySelector("[name=task_id]").value.trim();
     if (id) t.task_id = id;
     t.description = row.querySelector("[name=description]").value.trim();
+    const deps = row.querySelector("[name=depends_on]").value.split(/[\s,]+/).filter(Boolean);
+    if (deps.length) t.depends_on = deps;
+    const tests = row.querySelector("[name=tests]").value;
+    if (tests.trim()) t.tests = tests;
     return t;
   });
   if (tasks.length) data.tasks = tasks;
@@ -508,12 +570,15 @@ function clearErrors() {
 function showErrors(detail) {
   const general = [];
   for (const err of detail) {
-    const loc = (err.loc || []).slice(err.loc && err.loc[0] === "body" ? 1 : 0).map(String);
+    let loc = (err.loc || []).slice(err.loc && err.loc[0] === "body" ? 1 : 0).map(String);
+    let msg = err.msg.replace(/^Value error, /, "");
+    // The plan's rules across tasks (depends_on a DAG) name the task's field in the message: put it there.
+    const named = msg.match(/^tasks\[(\d+)\]\.(\w+): ([\s\S]*)$/);
+    if (named) [loc, msg] = [["tasks", named[1], named[2]], named[3]];
     let field = null;
     for (let n = loc.length; n > 0 && !field; n--) {
       field = document.querySelector(`#approve-form .field[data-field="${CSS.escape(loc.slice(0, n).join("."))}"]`);
     }
-    let msg = err.msg.replace(/^Value error, /, "");
     if (err.type === "string_pattern_mismatch") msg = `not a valid id (${state.catalog.id_rule})`;
     if (field) {
       const box = field.querySelector(".field-error");
@@ -582,6 +647,7 @@ const renderProgressDeliberations = throttle(async () => {
     const streams = [...state.tokens.values()].filter((t) => t.deliberation_id === d.deliberation_id);
     return h("div", { class: "card delib", dataset: { deliberation: d.deliberation_id } },
       h("div", {}, statusBadge(d.status), " ", h("strong", {}, `${d.role} · ${d.task_id}`), h("span", { class: "muted" }, ` ${d.num_agents || d.agents.length} agents`)),
+      verifiedBadge(d.verified, d.verified_reason || d.error),
       d.winner_id ? h("p", {}, `Winner ${d.winner_id} (score ${Number(d.winner_score).toFixed(2)}, ${d.selection_method})`) : null,
       d.rationale ? h("blockquote", { class: "rationale" }, clip(d.rationale, 400)) : null,
       d.error ? h("p", { class: "error" }, d.error) : null,

@@ -1,27 +1,19 @@
-"""The orchestrator's gRPC API: request validation and proto <-> domain conversion (only here)."""
+"""The orchestrator's gRPC API: request validation, and the deliberation contract's one mapping
+(services/deliberation/proto.py) for what goes in and out."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import grpc
 
-from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.common.events import Role
-from services.deliberation.domain import (
-    AgentSpec,
-    Council,
-    Criterion,
-    DeliberationResult,
-    ProgressEvent,
-    Task,
-    TaskConstraints,
-)
+from services.deliberation.domain import Council, ProgressEvent, Task
+from services.deliberation.proto import agent_to_proto, constraints_from_proto, progress_to_proto, result_to_proto
 from services.orchestrator.application import Orchestrator
 
 
@@ -30,131 +22,16 @@ def task_from_request(r: pb.DeliberateRequest) -> Task:
         raise InvalidArgument("task_id", "is required")
     if not r.task_description.strip():
         raise InvalidArgument("task_description", "is required")
-    if r.rounds < 0:
-        raise InvalidArgument("rounds", f"must be >= 0, got {r.rounds}")
     if r.num_agents < 0:
         raise InvalidArgument("num_agents", f"must be >= 0, got {r.num_agents}")
     role = Role.parse(r.role)
-    c = r.constraints
-    for name in ("timeout_seconds", "max_tokens", "token_budget", "top_k"):
-        if getattr(c, name) < 0:
-            raise InvalidArgument(f"constraints.{name}", f"must be >= 0, got {getattr(c, name)}")
-    defaults = TaskConstraints.for_role(role)
-    constraints = TaskConstraints(
-        rubric=tuple(Criterion(x.name, x.description) for x in c.rubric) or defaults.rubric,
-        requirements=tuple(c.requirements),
-        timeout_seconds=c.timeout_seconds or defaults.timeout_seconds,
-        token_budget=c.token_budget or defaults.token_budget,
-        max_tokens=c.max_tokens or defaults.max_tokens,
-        rounds=r.rounds or defaults.rounds,
-        top_k=c.top_k or defaults.top_k,
-    )
     return Task(
         task_id=r.task_id.strip(),
         description=r.task_description,
         role=role,
-        constraints=constraints,
+        constraints=constraints_from_proto(r.constraints, role),
         story_id=r.story_id,
     )
-
-
-STATUS = {s.removeprefix("DELIBERATION_STATUS_"): v for s, v in dpb.DeliberationStatus.items()}
-METHOD = {s.removeprefix("SELECTION_METHOD_"): v for s, v in dpb.SelectionMethod.items()}
-
-
-def result_fields(r: DeliberationResult) -> dict[str, Any]:
-    """The fields DeliberateResponse, GetDeliberationResultResponse and DeliberationResult share."""
-    return {
-        "task_id": r.task_id,
-        "status": STATUS[str(r.status)],
-        "results": [
-            dpb.RankedProposal(
-                rank=rp.rank,
-                score=rp.score,
-                peer_score=rp.peer_score,
-                check_score=rp.check_score,
-                proposal=dpb.Proposal(
-                    proposal_id=rp.proposal.proposal_id,
-                    author_id=rp.proposal.author_id,
-                    author_role=str(rp.proposal.author_role),
-                    content=rp.proposal.content,
-                    revisions=[
-                        dpb.Revision(number=v.number, content=v.content, reason=v.reason) for v in rp.proposal.revisions
-                    ],
-                ),
-                checks=[
-                    dpb.CheckResult(
-                        name=ch.name,
-                        passed=ch.passed,
-                        applicable=ch.applicable,
-                        detail=ch.detail,
-                        findings=[
-                            dpb.Finding(message=f.message, severity=f.severity, line=f.line or 0, block=f.block or 0)
-                            for f in ch.findings
-                        ],
-                    )
-                    for ch in rp.checks
-                ],
-                votes=[
-                    dpb.Vote(
-                        voter_id=v.voter_id,
-                        proposal_id=v.proposal_id,
-                        position=v.position,
-                        scores=dict(v.scores),
-                        reason=v.reason,
-                    )
-                    for v in rp.votes
-                ],
-            )
-            for rp in r.results
-        ],
-        "winner_id": r.winner_id,
-        "duration_ms": int(r.duration_ms),
-        "deliberation_id": r.deliberation_id,
-        "role": str(r.role),
-        "council_id": r.council_id,
-        "selection": dpb.Selection(
-            winner_id=r.selection.winner_id,
-            method=METHOD[str(r.selection.method)],
-            rationale=r.selection.rationale,
-            selected_by=r.selection.selected_by,
-        )
-        if r.selection
-        else None,
-        "critiques": [
-            dpb.Critique(
-                round=c.round,
-                proposal_id=c.proposal_id,
-                critic_id=c.critic_id,
-                author_id=c.author_id,
-                verdict=c.verdict,
-                summary=c.summary,
-                issues=list(c.issues),
-            )
-            for c in r.critiques
-        ],
-        "usage": [
-            dpb.TokenUsage(
-                agent_id=u.agent_id,
-                phase=str(u.phase),
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-            )
-            for u in r.usage
-        ],
-        "phase_durations": [dpb.PhaseDuration(phase=str(p), duration_ms=ms) for p, ms in r.phase_durations_ms.items()],
-        "failures": [dpb.AgentFailure(agent_id=f.agent_id, phase=str(f.phase), error=f.error) for f in r.failures],
-        "error_message": r.error_message,
-        "context_version": r.context_version,
-        "context_note": r.context_note,
-        "total_tokens": r.total_tokens,
-        "executor": r.executor,
-        "story_id": r.story_id,
-    }
-
-
-def agent_to_proto(a: AgentSpec) -> dpb.Agent:
-    return dpb.Agent(agent_id=a.agent_id, role=str(a.role), persona=a.persona, temperature=a.temperature, seed=a.seed)
 
 
 def council_to_proto(c: Council, include_agents: bool = True) -> pb.Council:
@@ -163,18 +40,6 @@ def council_to_proto(c: Council, include_agents: bool = True) -> pb.Council:
         role=str(c.role),
         num_agents=len(c.agents),
         agents=[agent_to_proto(a) for a in c.agents] if include_agents else [],
-    )
-
-
-def progress_to_proto(p: ProgressEvent) -> dpb.ProgressEvent:
-    return dpb.ProgressEvent(
-        deliberation_id=p.deliberation_id,
-        task_id=p.task_id,
-        role=str(p.role),
-        phase=str(p.phase or ""),
-        kind=p.kind,
-        agent_id=p.agent_id or "",
-        detail=p.detail,
     )
 
 
@@ -187,7 +52,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> pb.DeliberateResponse:
         task = task_from_request(request)
         result = await self.app.deliberate(task, num_agents=request.num_agents, phase=request.phase or "BUILD")
-        return pb.DeliberateResponse(**result_fields(result))
+        return pb.DeliberateResponse(result=result_to_proto(result))
 
     async def StreamDeliberation(self, request: pb.StreamDeliberationRequest, context: grpc.aio.ServicerContext):
         r = request.deliberation
@@ -205,7 +70,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 else:
                     getter.cancel()
             result = run.result()
-            yield pb.StreamDeliberationResponse(result=dpb.DeliberationResult(**result_fields(result)))
+            yield pb.StreamDeliberationResponse(result=result_to_proto(result))
         finally:
             if not run.done():  # the client went away: the deliberation still ends and is recorded
                 with contextlib.suppress(Exception):
@@ -215,7 +80,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: pb.GetDeliberationResultRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDeliberationResultResponse:
         result = await self.app.result_for_task(request.task_id.strip())
-        return pb.GetDeliberationResultResponse(**result_fields(result))
+        return pb.GetDeliberationResultResponse(result=result_to_proto(result))
 
     async def CreateCouncil(
         self, request: pb.CreateCouncilRequest, context: grpc.aio.ServicerContext

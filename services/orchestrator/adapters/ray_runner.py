@@ -4,7 +4,7 @@
 call starts nothing new), then waits for its end by polling GetDeliberationStatus: every 50 ms, slowing to 1 s,
 and back to 50 ms whenever one of its agents answers (agent.response.* on NATS, which also feeds `on_progress`
 so StreamDeliberation shows the agents' progress). The result comes back as `fleet.deliberation.v1.
-DeliberationResult` and is read into the domain's `DeliberationResult` with its own `from_dict`.
+DeliberationResult` and is read into the domain's `DeliberationResult` by the contract's one mapping.
 
 The orchestrator publishes the deliberation's lifecycle events itself (it knows the plan), so it tells the
 ray-executor not to (`caller_publishes_lifecycle` in ExecuteDeliberationRequest).
@@ -20,11 +20,10 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.ray_executor.v1 import ray_executor_pb2 as pb
@@ -36,35 +35,12 @@ from services.common.grpc_server import CORRELATION_HEADER
 from services.common.logging import correlation_id
 from services.common.settings import SettingsError
 from services.deliberation.domain import AgentSpec, Council, DeliberationResult, Phase, ProgressEvent, Task
-from services.orchestrator.adapters.grpc_api import agent_to_proto
+from services.deliberation.proto import agent_to_proto, constraints_to_proto, result_from_proto
 
 log = logging.getLogger("fleet.orchestrator.ray")
 
 AGENT_RESPONSES = ev.STREAMS[ev.Streams.AGENT_RESPONSES].subjects[0]  # every agent.response.* subject
 TERMINAL = {dpb.DELIBERATION_STATUS_COMPLETED, dpb.DELIBERATION_STATUS_FAILED, dpb.DELIBERATION_STATUS_TIMEOUT}
-
-
-def result_from_proto(m: dpb.DeliberationResult) -> DeliberationResult:
-    """The proto result as the domain's (timestamps, which the proto does not carry, end now)."""
-    d: dict[str, Any] = json_format.MessageToDict(
-        m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    d["status"] = d["status"].removeprefix("DELIBERATION_STATUS_")
-    if d.get("selection"):
-        d["selection"]["method"] = d["selection"]["method"].removeprefix("SELECTION_METHOD_")
-    else:
-        d["selection"] = None
-    d["phase_durations_ms"] = {p["phase"]: p["duration_ms"] for p in d.pop("phase_durations")}
-    for ranked in d["results"]:
-        for check in ranked["checks"]:
-            for f in check["findings"]:  # 0 = not known, as in the proto
-                f["line"] = f["line"] or None
-                f["block"] = f["block"] or None
-    del d["total_tokens"]  # derived from usage
-    finished = datetime.now(UTC)
-    d["finished_at"] = finished.isoformat()
-    d["started_at"] = (finished - timedelta(milliseconds=int(d["duration_ms"]))).isoformat()
-    return DeliberationResult.from_dict(d)
 
 
 class RayExecutorRunner:
@@ -95,26 +71,18 @@ class RayExecutorRunner:
         self, task: Task, council: Council, architect: AgentSpec | None, deliberation_id: str, on_progress: Any
     ) -> DeliberationResult:
         metadata = ((CORRELATION_HEADER, correlation_id.get() or deliberation_id),)
-        c = task.constraints
         request = pb.ExecuteDeliberationRequest(
             deliberation_id=deliberation_id,
             task_id=task.task_id,
             task_description=task.description,
             role=str(task.role),
-            constraints=dpb.Constraints(
-                rubric=[dpb.Criterion(name=x.name, description=x.description) for x in c.rubric],
-                requirements=list(c.requirements),
-                timeout_seconds=c.timeout_seconds,
-                max_tokens=c.max_tokens,
-                token_budget=c.token_budget,
-                top_k=c.top_k,
-            ),
+            constraints=constraints_to_proto(task.constraints),
             agents=[agent_to_proto(a) for a in council.agents],
             architect=agent_to_proto(architect) if architect else None,
-            rounds=c.rounds,
             story_id=task.story_id,
             context=task.context,
             context_version=task.context_version,
+            base_code=task.base_code,
             council_id=council.council_id,
             caller_publishes_lifecycle=True,
         )

@@ -1,17 +1,13 @@
 """The ray-executor's gRPC API: request validation and proto <-> domain conversion (only here).
 
-The result goes out as `fleet.deliberation.v1.DeliberationResult` through the domain's own serialisation
-(`DeliberationResult.to_dict`) and protobuf's JSON mapping: the field names are the same on both sides, so the
-conversion is the handful of differences in `result_to_proto` rather than a mapper per message.
+The deliberation's messages cross through the contract's one mapping (services/deliberation/proto.py).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.ray_executor.v1 import ray_executor_pb2 as pb
@@ -21,14 +17,11 @@ from services.common.events import ID_PATTERN, Role
 from services.common.logging import correlation_id
 from services.deliberation.domain import (
     MAX_AGENTS,
-    MAX_ROUNDS,
     AgentSpec,
     Council,
-    Criterion,
-    DeliberationResult,
     Task,
-    TaskConstraints,
 )
+from services.deliberation.proto import constraints_from_proto, result_to_proto
 from services.ray_executor.application import DeliberationRequest, Job, RayExecutorService
 
 _ID = re.compile(ID_PATTERN)
@@ -59,8 +52,6 @@ def request_to_domain(r: pb.ExecuteDeliberationRequest) -> DeliberationRequest:
     if not r.task_description.strip():
         raise InvalidArgument("task_description", "is required")
     role = Role.parse(r.role)
-    if not 0 <= r.rounds <= MAX_ROUNDS:
-        raise InvalidArgument("rounds", f"must be 0..{MAX_ROUNDS}, got {r.rounds}")
     if not r.agents:
         raise InvalidArgument("agents", "at least one agent is required")
     if len(r.agents) > MAX_AGENTS:
@@ -71,20 +62,7 @@ def request_to_domain(r: pb.ExecuteDeliberationRequest) -> DeliberationRequest:
     architect = _agent(r.architect, "architect", Role.ARCHITECT) if r.HasField("architect") else None
     if r.vllm_url and not r.vllm_url.startswith(("http://", "https://")):
         raise InvalidArgument("vllm_url", f"must be an http(s) URL, got {r.vllm_url!r}")
-    c = r.constraints
-    for name in ("timeout_seconds", "max_tokens", "token_budget", "top_k"):
-        if getattr(c, name) < 0:
-            raise InvalidArgument(f"constraints.{name}", f"must be >= 0, got {getattr(c, name)}")
-    defaults = TaskConstraints.for_role(role)
-    constraints = TaskConstraints(  # zero = the default, as in the orchestrator's API
-        rubric=tuple(Criterion(x.name, x.description) for x in c.rubric) or defaults.rubric,
-        requirements=tuple(c.requirements),
-        timeout_seconds=c.timeout_seconds or defaults.timeout_seconds,
-        token_budget=c.token_budget or defaults.token_budget,
-        max_tokens=c.max_tokens or defaults.max_tokens,
-        rounds=r.rounds or defaults.rounds,
-        top_k=c.top_k or defaults.top_k,
-    )
+    constraints = constraints_from_proto(r.constraints, role)
     task = Task(
         task_id=task_id,
         description=r.task_description,
@@ -93,6 +71,7 @@ def request_to_domain(r: pb.ExecuteDeliberationRequest) -> DeliberationRequest:
         story_id=r.story_id,
         context=r.context,
         context_version=r.context_version,
+        base_code=r.base_code,
     )
     council = Council(r.council_id.strip() or f"council-{role.value.lower()}", role, agents)
     return DeliberationRequest(
@@ -105,18 +84,6 @@ def request_to_domain(r: pb.ExecuteDeliberationRequest) -> DeliberationRequest:
         correlation_id=correlation_id.get(),
         publish_lifecycle=not r.caller_publishes_lifecycle,
     )
-
-
-def result_to_proto(r: DeliberationResult) -> dpb.DeliberationResult:
-    d: dict[str, Any] = r.to_dict()
-    d["status"] = f"DELIBERATION_STATUS_{d['status']}"
-    if d["selection"]:
-        d["selection"]["method"] = f"SELECTION_METHOD_{d['selection']['method']}"
-    d["phase_durations"] = [{"phase": p, "duration_ms": ms} for p, ms in d.pop("phase_durations_ms").items()]
-    d["duration_ms"] = int(r.duration_ms)
-    d["total_tokens"] = r.total_tokens
-    del d["started_at"], d["finished_at"]
-    return json_format.ParseDict(d, dpb.DeliberationResult())
 
 
 STATUS = {s.removeprefix("DELIBERATION_STATUS_"): v for s, v in dpb.DeliberationStatus.items()}

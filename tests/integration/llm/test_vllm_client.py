@@ -16,7 +16,8 @@ import jsonschema
 import pytest
 
 from services.common.errors import Unavailable
-from services.common.llm import ChatMessage, LLMError, LLMRequest, VLLMClient
+from services.common.llm import VLLMClient
+from services.deliberation.llm import ChatMessage, LLMError, LLMRequest
 from services.local.openai_server import ServerHandle, start_openai_server
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,8 @@ import jsonschema
 import pytest
 
 from services.common.errors import Unavailable
-from services.common.llm import ChatMessage, LLMRequest, VLLMClient
+from services.common.llm import VLLMClient
+from services.deliberation.llm import ChatMessage, LLMRequest
 from services.local.vllm import (
     BUILD_SCRIPT,
     OFFLINE_ENV,
@@ -235,7 +236,7 @@ async def test_server_stopped_mid_answer_raises_unavailable(smollm2: VLLMServer)
         # and a new call, with the server gone, is UNAVAILABLE after its retries (not a hang, not an LLMError)
         with pytest.raises(Unavailable, match=r"unavailable after 3 attempts: connection failed") as info:
             await client.complete(LLMRequest(messages=MESSAGES, request_id="after-stop", max_tokens=8))
-    assert info.value.code.name == "UNAVAILABLE"
+    assert info.value.code == "UNAVAILABLE"
 
 
 async def _timed_stream(client: VLLMClient, req: LLMRequest) -> tuple[int, float, float]:

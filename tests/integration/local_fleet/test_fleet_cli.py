@@ -4,6 +4,7 @@ server; the real vLLM and the Ray executor are exercised by the e2e suite)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,41 @@ ROOT = Path(__file__).resolve().parents[3]
 FLEET = str(Path(sys.executable).with_name("fleet"))
 
 
+WRONG = "```python\ndef slugify(title):\n    return title.lower()\n```\n"
+RIGHT = (
+    "```python\nimport re\n\n\ndef slugify(title):\n    return '-'.join(re.findall(r'[a-z0-9]+', title.lower()))\n```\n"
+)
+QA_TESTS = "```python\nfrom solution import slugify\n\n\ndef test_empty():\n    assert slugify('') == ''\n```\n"
+
+
 def test_demo_once_approves_a_plan_prints_the_winners_and_leaves_nothing_running(tmp_path: Path, llm_server):
+    """The demo's plan with the agents' answers scripted: DEV's code runs against the visible tests in the real
+    sandbox (one agent's fails), QA's tests then run against DEV's winning code; both winners are verified."""
+    llm_server.control(
+        answer_when_contains={
+            "You are agent-dev-001": WRONG,
+            "You are agent-dev-002": RIGHT,
+            "You are agent-dev-003": RIGHT,
+            "You are agent-qa-": QA_TESTS,
+        }
+    )
     args = ["--executor", "in-process", "--llm-url", llm_server.url, "--llm-model", "test", "--base-dir", str(tmp_path)]
-    done = subprocess.run([FLEET, "demo", "--once", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    try:
+        wide = {**os.environ, "COLUMNS": "240"}  # rich wraps at 80 columns without a terminal
+        done = subprocess.run(
+            [FLEET, "demo", "--once", *args], capture_output=True, text=True, cwd=ROOT, timeout=300, env=wide
+        )
+    finally:
+        llm_server.control(reset=True)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     assert "published planning.plan.approved" in out
     assert out.count("winner: agent-dev-") == 1 and out.count("winner: agent-qa-") == 1, out[-3000:]
-    assert "winner's score" in out and "python.syntax" in out and "dashboard: http://127.0.0.1:" in out
+    assert "re.findall" in out and "def test_empty" in out, out[-3000:]  # each winner's code
+    assert out.count("VERIFIED: passed") == 2 and "NOT VERIFIED" not in out, out[-3000:]
+    assert "tests.task (gating) the task's tests: 3/3 passed" in out
+    assert "tests.own (gating) the proposal's own tests against the code it builds on: 1/1 passed" in out
+    assert out.count("verified ") >= 2 and "dashboard: http://127.0.0.1:" in out
     assert not (tmp_path / "state.json").exists() and not (tmp_path / "endpoints.json").exists()
     logs = {p.name for p in (tmp_path / "logs").iterdir()}
     assert {"nats.log", "orchestrator.log", "context.log", "monitoring.log", "councils.log"} <= logs

@@ -1,8 +1,9 @@
 """The monitoring service served in-process (uvicorn on a free port) against a real NATS JetStream.
 
 The orchestrator is not running in these tests unless a test starts one (`orchestrator_on`: the real service,
-on the test's NATS and Valkey, with the loopback LLM server): until then ORCHESTRATOR_ADDRESS points at a free
-loopback port, so the degraded path ("orchestrator unavailable at host:port") is what the page shows.
+on the test's NATS and Valkey, with the loopback LLM server, and with the session's real sandbox service when a
+test passes `sandbox_address` from tests/conftest.py): until then ORCHESTRATOR_ADDRESS points at a free loopback
+port, so the degraded path ("orchestrator unavailable at host:port") is what the page shows.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ async def monitoring(nats_url: str, bus: EventBus) -> AsyncIterator[RunningMonit
 
 @pytest.fixture
 async def orchestrator_on(settings, llm_server) -> AsyncIterator[Any]:
-    """Starts the real orchestrator on a given port (the one the dashboard was told), with the five councils."""
+    """Starts the real orchestrator on a given port (the one the dashboard was told), with the five councils;
+    `over` are more OrchestratorSettings (e.g. `sandbox_address`)."""
     started: list[RunningOrchestrator] = []
 
-    async def start_on(port: int) -> RunningOrchestrator:
+    async def start_on(port: int, **over: Any) -> RunningOrchestrator:
         values = {**settings.model_dump(), "grpc_port": port, "vllm_url": llm_server.url, "vllm_model": "test-model"}
-        running = await start_orchestrator(OrchestratorSettings(**values), host="127.0.0.1")
+        running = await start_orchestrator(OrchestratorSettings(**values, **over), host="127.0.0.1")
         started.append(running)
         await running.app.ensure_councils(3)
         return running

@@ -9,12 +9,19 @@ import pytest
 
 from services.common import events as ev
 from services.common.bus import EventBus, provision_streams
-from services.deliberation.domain import Task
+from services.deliberation.domain import DeliberationResult, Task, load
 from services.monitoring.main import RunningMonitoring, start
 
 from .conftest import SSEReader, approval_payload, eventually, monitoring_settings, port_of, wait_ready
 
 pytestmark = pytest.mark.integration
+
+LOGIN_TESTS = "from solution import login\n\n\ndef test_login():\n    assert login('po', 'secret')\n"
+PLAN = {"story_id": "S-1", "plan_id": "P-1", "approved_by": "po"}
+
+
+def task(task_id: str, **over: object) -> dict:
+    return {"task_id": task_id, "role": "DEV", "description": f"do {task_id}", **over}
 
 
 async def test_probes_and_metrics(client: httpx.AsyncClient):
@@ -34,7 +41,10 @@ async def test_approve_plan_publishes_a_valid_event(client: httpx.AsyncClient, b
         "approved_by": "po@example.com",
         "title": "Add login",
         "roles": ["DEV", "QA"],
-        "tasks": [{"task_id": "T-1", "role": "DEV", "description": "write the login endpoint"}],
+        "tasks": [
+            {"task_id": "T-1", "role": "DEV", "description": "write the login endpoint", "tests": LOGIN_TESTS},
+            {"task_id": "T-2", "role": "QA", "description": "test the login endpoint", "depends_on": ["T-1"]},
+        ],
     }
     r = await client.post("/api/approve-plan", json=body, headers={"Idempotency-Key": "approve-s7-p3"})
     assert r.status_code == 201, r.text
@@ -48,6 +58,8 @@ async def test_approve_plan_publishes_a_valid_event(client: httpx.AsyncClient, b
     assert isinstance(event.payload, ev.PlanApproved)
     assert event.payload.roles == [ev.Role.DEV, ev.Role.QA]
     assert event.payload.tasks[0].description == "write the login endpoint"
+    assert event.payload.tasks[0].tests == LOGIN_TESTS.strip()  # trimmed, as the catalog does
+    assert event.payload.tasks[1].depends_on == ["T-1"]
     assert event.producer == ev.MONITORING and event.correlation_id == "S-7:P-3"
     assert event.payload.timestamp.tzinfo is not None  # filled in by the service
 
@@ -61,6 +73,23 @@ async def test_the_longest_ids_are_accepted(client: httpx.AsyncClient):
     r = await client.post("/api/approve-plan", json=body)
     assert r.status_code == 201, r.text
     assert len(r.json()["correlation_id"]) == 128
+
+
+async def test_what_the_schema_calls_valid_is_accepted_and_published_as_the_catalog_has_it(
+    client: httpx.AsyncClient, bus: EventBus
+):
+    body = {
+        **PLAN,
+        "approved_by": " po@example.com ",  # trimmed in the event, as the catalog does
+        "timestamp": "2026-12-04T10:00:00+01:00",
+        "tasks": [task("T-1", priority=3.0)],  # JSON Schema's integer: 3.0 is 3
+    }
+    r = await client.post("/api/approve-plan", json=body)
+    assert r.status_code == 201, r.text
+    stored = await bus.js.get_msg(ev.Streams.PLANNING_EVENTS, r.json()["seq"])
+    payload = ev.parse_event(stored.data, stored.subject).payload
+    assert payload.approved_by == "po@example.com" and payload.tasks[0].priority == 3
+    assert payload.timestamp.isoformat() == "2026-12-04T10:00:00+01:00"
 
 
 @pytest.mark.parametrize(
@@ -81,6 +110,22 @@ async def test_the_longest_ids_are_accepted(client: httpx.AsyncClient):
             "Field required",
         ),
         ({"story_id": "S-1", "plan_id": "P-1", "approved_by": "po", "surprise": 1}, ["body", "surprise"], "Extra"),
+        # What the catalog's validators enforce beyond the types.
+        ({**PLAN, "roles": []}, ["body", "roles"], "at least one role"),
+        ({**PLAN, "approved_by": "   "}, ["body", "approved_by"], "at least 1 character"),
+        ({**PLAN, "story_id": " S-1"}, ["body", "story_id"], "pattern"),  # taken as sent, not trimmed
+        ({**PLAN, "tasks": [task("T-1"), task("T-1")]}, ["body", "tasks"], "task ids must be unique"),
+        ({**PLAN, "tasks": [task("T-1", depends_on=["T-9"])]}, ["body", "tasks"], "tasks[0].depends_on: 'T-9' is not"),
+        (
+            {**PLAN, "tasks": [task("T-1", depends_on=["T-2"]), task("T-2", depends_on=["T-1"])]},
+            ["body", "tasks"],
+            "depends_on: a cycle: T-1 -> T-2 -> T-1",
+        ),
+        ({**PLAN, "tasks": [task("T-1", tests="def test_x(:\n")]}, ["body", "tasks", 0, "tests"], "not valid Python"),
+        ({**PLAN, "tasks": [task("T-1", tests="x = 1\n")]}, ["body", "tasks", 0, "tests"], "no test function"),
+        ({**PLAN, "tasks": [task("T-1", priority="3")]}, ["body", "tasks", 0, "priority"], "valid integer"),
+        ({**PLAN, "tasks": [task("T-1", priority=2.5)]}, ["body", "tasks", 0, "priority"], "valid integer"),
+        ({**PLAN, "timestamp": "2026-12-04T10:00:00"}, ["body", "timestamp"], "timezone"),
     ],
 )
 async def test_approve_plan_rejects_invalid_input_naming_the_field(
@@ -274,11 +319,22 @@ async def test_orchestrator_is_read_when_it_comes_back_and_missed_when_it_goes(
         task = Task.create("T-1", "Write a Python function that parses ISO dates.", "DEV", rounds=1)
         ran = await orchestrator.app.deliberate(task)
         result = (await client.get("/api/deliberations/T-1")).json()
-        assert result["status"] == "COMPLETED" and result["deliberation_id"] == ran.deliberation_id
-        assert result["winner_id"] == ran.winner_id and result["selection"]["method"] in ("ARCHITECT", "FALLBACK")
+        assert load(DeliberationResult, result) == ran  # the whole result, as the orchestrator recorded it
+        assert result["status"] == "COMPLETED" and result["selection"]["method"] in ("ARCHITECT", "FALLBACK")
         assert result["context_note"] == ran.context_note != ""  # no story: the council worked on the task alone
-        assert [r["proposal"]["author_id"] for r in result["results"]] == [r.proposal.author_id for r in ran.results]
         assert len(result["results"][0]["proposal"]["revisions"]) == 2  # the original and the revision
+        assert set(result["phase_durations_ms"]) >= {"GENERATE", "CHECK", "SCORE"}
+        # No test for the code (the task has none, the proposals wrote none): not verified, and the result says why.
+        assert result["verified"] is False and "no test was executed" in result["verified_reason"]
+        checks = {c["name"]: c for c in result["results"][0]["checks"]}
+        assert checks["tests.task"] == {
+            "name": "tests.task",
+            "passed": True,
+            "applicable": False,
+            "findings": [],
+            "detail": "the task has no tests",
+            "gating": True,
+        }
         rubric = {c.name for c in task.constraints.rubric}
         assert all(set(v["scores"]) == rubric for r in result["results"] for v in r["votes"])
         missing = await client.get("/api/deliberations/missing-1")

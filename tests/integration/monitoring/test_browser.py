@@ -29,6 +29,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 WAIT_MS = 10_000
+RATE_TESTS = "from solution import allow\n\n\ndef test_first_call_passes():\n    assert allow('c1')\n"
 
 pytestmark = [
     pytest.mark.integration,
@@ -121,6 +122,8 @@ async def test_approve_a_plan_and_watch_it_live(
         await expect(card).to_contain_text(
             re.compile(rf"Winner agent-{role.lower()}-00\d \(score \d+\.\d\d, (ARCHITECT|FALLBACK)\)")
         )
+        # No tests in this plan and none written by the loopback LLM: nothing ran, so nothing is verified.
+        await expect(card.locator('.verdict[data-verified="false"]')).to_contain_text("NOT VERIFIED")
     await expect(
         page.locator('#progress-events li[data-event-type="orchestration.deliberation.completed"]')
     ).to_have_count(2)
@@ -155,10 +158,14 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     await page.fill("#f-plan", "P-1")
     await page.click("#add-task")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=task_id]", "T-1")
+    await page.fill("#f-tasks .task-row >> nth=0 >> [name=tests]", "x = 1\n")
     await page.click("#approve-submit")
 
     await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_have_text(
         "Field required", timeout=WAIT_MS
+    )
+    await expect(page.locator('.field[data-field="tasks.0.tests"] .field-error')).to_contain_text(
+        "defines no test function"
     )
     await expect(page.locator('.field[data-field="story_id"] .field-error')).to_contain_text(
         "not a valid id (1-128 characters: letters, digits, _ : -)"
@@ -171,13 +178,30 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     await page.screenshot(path=str(artifacts / "monitoring-validation.png"), full_page=True)
     assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 0
 
-    # Fixed, it goes through and the errors go away.
+    # Fixed, but a second task depends on itself: the plan's rule is shown at that task's depends_on.
     await page.fill("#f-story", "S-42")
     await page.fill("#f-by", "po@example.com")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=description]", "Add a rate limiter")
+    await page.fill("#f-tasks .task-row >> nth=0 >> [name=tests]", RATE_TESTS)
+    await page.click("#add-task")
+    await page.fill("#f-tasks .task-row >> nth=1 >> [name=task_id]", "T-2")
+    await page.fill("#f-tasks .task-row >> nth=1 >> [name=description]", "Document the limits")
+    await page.fill("#f-tasks .task-row >> nth=1 >> [name=depends_on]", "T-1, T-2")
+    await page.click("#approve-submit")
+    await expect(page.locator('.field[data-field="tasks.1.depends_on"] .field-error')).to_have_text(
+        "task T-2 depends on itself", timeout=WAIT_MS
+    )
+    await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_be_empty()
+    await expect(page.locator('.field[data-field="tasks.0.tests"] .field-error')).to_be_empty()
+
+    # Fixed, it goes through and the errors go away; the event carries the tests and the dependency.
+    await page.fill("#f-tasks .task-row >> nth=1 >> [name=depends_on]", "T-1")
     await page.click("#approve-submit")
     await expect(page.locator("#approve-result")).to_contain_text("Published", timeout=WAIT_MS)
-    await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_be_empty()
+    await expect(page.locator('.field[data-field="tasks.1.depends_on"] .field-error')).to_be_empty()
+    stored = await bus.js.get_msg(ev.Streams.PLANNING_EVENTS, 1)
+    tasks = ev.parse_event(stored.data, stored.subject).payload.tasks
+    assert tasks[0].tests == RATE_TESTS.strip() and tasks[1].depends_on == ["T-1"]
 
 
 async def test_dead_letters_are_shown_with_their_reason(page, bus: EventBus, artifacts: Path):
@@ -259,3 +283,105 @@ async def test_banner_names_the_down_orchestrator_and_recovers(
     finally:
         await orchestrator.stop(0)
     await expect(line).to_contain_text("orchestrator unavailable", timeout=WAIT_MS)
+
+
+SLUGIFY_TESTS = """from solution import slugify
+
+
+def test_lowercase():
+    assert slugify("Hello") == "hello"
+
+
+def test_spaces_become_dashes():
+    assert slugify("a b  c") == "a-b-c"
+"""
+ACCENT_TESTS = """from solution import slugify
+
+
+def test_accents_are_dropped():
+    assert slugify("Ça va") == "ca-va"
+"""
+BUGGY = "```python\ndef slugify(text):\n    return text.lower()\n```\n"
+FIXED = '```python\ndef slugify(text):\n    return "-".join(text.lower().split())\n```\n'
+
+
+async def test_grounded_deliberations_show_verified_and_the_failing_tests(
+    page, bus: EventBus, monitoring: RunningMonitoring, orchestrator_on, sandbox_address: str, llm_server, artifacts
+):
+    """The PO approves a plan whose tasks carry tests; the real orchestrator runs each proposal's code against them
+    in the real sandbox. The page shows which deliberation is verified and why, the failing tests of a proposal's
+    first revision and its revision that fixed them, and a deliberation nobody could verify."""
+    from playwright.async_api import expect
+
+    # agent-dev-001 first writes code that fails a test, then fixes it when its revision is shown the failure; the
+    # others write the fixed code at once. Nobody drops accents: T-2's test fails for everyone.
+    await llm_server.acontrol(
+        answer_when_contains={"FAILED tests.task": FIXED, "You are agent-dev-001": BUGGY, "You are agent-dev-": FIXED}
+    )
+    try:
+        await orchestrator_on(
+            port_of(monitoring.monitoring.settings.orchestrator_address), sandbox_address=sandbox_address
+        )
+        await open_tab(page, "approve")
+        await page.fill("#f-story", "S-77")
+        await page.fill("#f-plan", "P-1")
+        await page.fill("#f-by", "po@example.com")
+        await page.check("#f-roles input[value=DEV]")
+        for i, (task_id, description, tests) in enumerate(
+            [("T-1", "Write slugify(text)", SLUGIFY_TESTS), ("T-2", "Make slugify drop accents", ACCENT_TESTS)]
+        ):
+            await page.click("#add-task")
+            row = page.locator("#f-tasks .task-row").nth(i)
+            await row.locator("[name=task_id]").fill(task_id)
+            await row.locator("[name=description]").fill(description)
+            await row.locator("[name=tests]").fill(tests)
+        await page.locator("#f-tasks .task-row").nth(1).locator("[name=depends_on]").fill("T-1")
+        await page.click("#approve-submit")
+        await expect(page.locator("#approve-result")).to_contain_text("Published", timeout=WAIT_MS)
+
+        cards = page.locator("#progress-deliberations .card.delib")
+        t1, t2 = cards.filter(has_text="DEV · T-1"), cards.filter(has_text="DEV · T-2")
+        await expect(t1.locator('.verdict[data-verified="true"]')).to_contain_text("VERIFIED", timeout=60_000)
+        await expect(t2.locator('.verdict[data-verified="false"]')).to_contain_text("NOT VERIFIED", timeout=60_000)
+        await page.screenshot(path=str(artifacts / "monitoring-grounded-approve.png"), full_page=True)
+
+        # The list says it at a glance, with the reason.
+        await open_tab(page, "deliberations")
+        rows = page.locator("#delib-list tr")
+        await expect(rows.filter(has_text="T-1").locator(".verdict")).to_have_attribute("data-verified", "true")
+        await expect(rows.filter(has_text="T-1")).to_contain_text("tests.task")
+        await expect(rows.filter(has_text="T-2").locator(".verdict")).to_contain_text("NOT VERIFIED")
+
+        # T-1: verified; the winner's code; agent-dev-001's first revision failed a test, its revision passed.
+        await rows.filter(has_text="T-1").click()
+        detail = page.locator("#delib-detail")
+        verdict = detail.locator(".verdict.big")
+        await expect(verdict).to_have_attribute("data-verified", "true", timeout=WAIT_MS)
+        await expect(verdict).to_contain_text(re.compile(r"^VERIFIED.*passed .*tests\.task"))
+        await expect(detail.locator("pre.winner-code")).to_contain_text('return "-".join(text.lower().split())')
+        first = detail.locator('.proposal[data-author="agent-dev-001"]')
+        failed = first.locator('.revision[data-revision="0"] li.check[data-check="tests.task"]')
+        await expect(failed).to_have_attribute("data-state", "fail")
+        await expect(failed.locator(".findings")).to_be_visible()
+        await expect(failed.locator(".findings")).to_contain_text("test_spaces_become_dashes")
+        await expect(failed.locator(".findings")).to_contain_text("a-b-c")
+        fixed = first.locator('.revision[data-revision="1"] li.check[data-check="tests.task"]')
+        await expect(fixed).to_have_attribute("data-state", "pass")
+        final = first.locator(':scope > ul.checks > li.check[data-check="tests.task"]')
+        await expect(final).to_have_attribute("data-state", "pass")
+        await expect(final.locator(".badge.gating")).to_have_text("gating")
+        not_applicable = first.locator(':scope > ul.checks .check[data-check="kubernetes.schema"]')
+        await expect(not_applicable).to_have_attribute("data-state", "na")
+        await expect(not_applicable.locator(".badge.gating")).to_have_count(1)
+        await page.screenshot(path=str(artifacts / "monitoring-grounded-verified.png"), full_page=True)
+
+        # T-2: nobody passed; the reason says what failed, and every proposal shows its failing test.
+        await rows.filter(has_text="T-2").click()
+        await expect(verdict).to_have_attribute("data-verified", "false", timeout=WAIT_MS)
+        await expect(verdict).to_contain_text(re.compile(r"^NOT VERIFIED.*tests\.task"))
+        failing = detail.locator(':scope .proposal > ul.checks > li.check[data-check="tests.task"][data-state="fail"]')
+        await expect(failing).to_have_count(3)
+        await expect(failing.first.locator(".findings")).to_contain_text("test_accents_are_dropped")
+        await page.screenshot(path=str(artifacts / "monitoring-grounded-not-verified.png"), full_page=True)
+    finally:
+        await llm_server.acontrol(reset=True, delay_ms=20)

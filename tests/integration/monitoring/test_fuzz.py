@@ -2,7 +2,8 @@
 
 The one 5xx allowed is the documented 503 naming the orchestrator, which is not running here: a dependency
 being down is not an input error. Responses must also match their documented status codes, content types
-and schemas, and invalid input must be rejected.
+and schemas; what the schema calls invalid must be rejected, and what it calls valid accepted (the plan rules
+across tasks that JSON Schema cannot state, which the schema describes in words, excepted).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
+    positive_data_acceptance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -28,6 +30,16 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = 250
 
+# The request schema's own format for a task's tests (services/monitoring/app.py): pytest source with a test.
+schemathesis.openapi.format(
+    "pytest",
+    st.sampled_from(
+        ["", "def test_it():\n    assert True\n", "import math\n\n\ndef test_pi():\n    assert math.pi > 3\n"]
+    ),
+)
+# Rules across a plan's tasks that JSON Schema cannot state (the schema's `tasks` description says them).
+CROSS_TASK_RULES = ("task ids must be unique", "].depends_on: ")
+
 
 @schemathesis.check
 def no_server_error_but_a_down_orchestrator(ctx, response, case) -> bool | None:
@@ -37,6 +49,16 @@ def no_server_error_but_a_down_orchestrator(ctx, response, case) -> bool | None:
     if response.status_code == 503 and body.get("dependency") == "orchestrator":
         return True
     raise AssertionError(f"{response.status_code} for {case.method} {case.formatted_path}: {response.text[:500]}")
+
+
+@schemathesis.check
+def schema_valid_input_is_accepted(ctx, response, case) -> bool | None:
+    """ST202 (positive data acceptance), except a plan refused only for a rule across its tasks."""
+    if response.status_code == 422 and case.meta is not None and case.meta.generation.mode.is_positive:
+        errors = response.json()["detail"]
+        if all(e["loc"] == ["body", "tasks"] and any(r in e["msg"] for r in CROSS_TASK_RULES) for e in errors):
+            return True
+    return positive_data_acceptance(ctx, response, case)
 
 
 async def test_no_input_makes_the_api_fail(monitoring: RunningMonitoring, client: httpx.AsyncClient):
@@ -68,6 +90,7 @@ async def test_no_input_makes_the_api_fail(monitoring: RunningMonitoring, client
                     content_type_conformance,
                     response_schema_conformance,
                     negative_data_rejection,
+                    schema_valid_input_is_accepted,
                 ],
             )
 

@@ -26,7 +26,7 @@ async def result_of(stub, task_id: str, timeout: float = 60.0) -> pb.GetDelibera
     async with asyncio.timeout(timeout):
         while True:
             try:
-                reply = await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))
+                reply = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))).result
                 if reply.status not in (dpb.DELIBERATION_STATUS_PENDING, dpb.DELIBERATION_STATUS_IN_PROGRESS):
                     return reply
             except grpc.aio.AioRpcError as e:
@@ -85,11 +85,11 @@ async def test_without_a_reachable_context_service_it_deliberates_on_the_task_an
             story_id="S-unknown",
             constraints=dpb.Constraints(timeout_seconds=60),
         )
-        reply = await stub.Deliberate(request)
+        reply = (await stub.Deliberate(request)).result
         assert reply.status == dpb.DELIBERATION_STATUS_COMPLETED, reply.error_message
         assert reply.context_version == ""
         assert "unavailable" in reply.context_note and "deliberated on the task alone" in reply.context_note
-        stored = await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-ctx-down"))
+        stored = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-ctx-down"))).result
         assert stored.context_note == reply.context_note
     finally:
         await channel.close()
@@ -102,7 +102,7 @@ async def test_without_a_context_service_configured_the_result_says_so(orch_sett
         request = pb.DeliberateRequest(
             task_id="T-no-ctx", task_description="Write a CSV parser.", role="DEV", story_id="S-1"
         )
-        reply = await stub.Deliberate(request)
+        reply = (await stub.Deliberate(request)).result
         assert reply.status == dpb.DELIBERATION_STATUS_COMPLETED, reply.error_message
         assert "no context service configured" in reply.context_note
     finally:

@@ -93,7 +93,7 @@ async def test_deliberate_returns_ranked_proposals_with_a_winner(stub, bus):
         seen.append(msg.subject)
 
     sub = await bus.nc.subscribe("orchestration.>", cb=record)
-    reply = await stub.Deliberate(deliberate_request())
+    reply = (await stub.Deliberate(deliberate_request())).result
     await sub.unsubscribe()
     assert reply.status == COMPLETED, reply.error_message
     assert [r.rank for r in reply.results] == [1, 2, 3]
@@ -110,7 +110,7 @@ async def test_deliberate_returns_ranked_proposals_with_a_winner(stub, bus):
     assert reply.executor == "in-process"
     assert "orchestration.deliberation.completed" in seen and "orchestration.task.dispatched" in seen
 
-    again = await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-1"))
+    again = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-1"))).result
     assert again.status == COMPLETED and again.deliberation_id == reply.deliberation_id
     assert again.winner_id == reply.winner_id and len(again.results) == 3
 
@@ -150,10 +150,10 @@ async def test_llm_down_fails_the_deliberation_with_the_reason(orch_settings, bu
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(ch)
             await create_all(stub)
-            reply = await stub.Deliberate(deliberate_request(task_id="T-down"))
+            reply = (await stub.Deliberate(deliberate_request(task_id="T-down"))).result
             assert reply.status == dpb.DELIBERATION_STATUS_FAILED
             assert "unavailable" in reply.error_message.lower() and "127.0.0.1" in reply.error_message
-            stored = await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-down"))
+            stored = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-down"))).result
             assert stored.status == dpb.DELIBERATION_STATUS_FAILED and stored.error_message == reply.error_message
     finally:
         await running.stop(0.5)
@@ -167,7 +167,7 @@ async def test_deadline_ends_as_timeout_with_partial_results(stub, llm_server):
         await http.post(f"{llm_server.url}/control", json={"delay_ms": 1500})
         try:
             request = deliberate_request(task_id="T-slow", constraints=dpb.Constraints(timeout_seconds=2.5))
-            reply = await stub.Deliberate(request)
+            reply = (await stub.Deliberate(request)).result
         finally:
             await http.post(f"{llm_server.url}/control", json={"reset": True, "delay_ms": 20})
     assert reply.status == dpb.DELIBERATION_STATUS_TIMEOUT
@@ -185,7 +185,7 @@ async def test_stream_deliberation_reports_progress_then_the_result(stub):
             result = update.result
     assert result is not None and result.status == COMPLETED
     phases = [p for p, k in kinds if k == "phase_started"]
-    assert phases[:2] == ["GENERATE", "CRITIQUE"] and "SELECT" in phases
+    assert phases[:3] == ["GENERATE", "CHECK", "CRITIQUE"] and "SELECT" in phases  # checked before reviewed
     assert any(k == "agent_completed" for _, k in kinds)
 
 
@@ -204,7 +204,7 @@ async def test_status_counts_deliberations(stub):
 async def test_a_second_orchestrator_process_answers_for_the_first(stub, orch_settings, tmp_path):
     """Results live in Valkey: `fleet serve orchestrator` in another process returns what this one ran."""
     await create_all(stub)
-    first = await stub.Deliberate(deliberate_request("T-shared"))
+    first = (await stub.Deliberate(deliberate_request("T-shared"))).result
     port = free_port()
     env = {
         **os.environ,
@@ -222,7 +222,7 @@ async def test_a_second_orchestrator_process_answers_for_the_first(stub, orch_se
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             await asyncio.wait_for(ch.channel_ready(), 30)
             second = orchestrator_pb2_grpc.OrchestratorServiceStub(ch)
-            reply = await second.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-shared"))
+            reply = (await second.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="T-shared"))).result
             assert reply.deliberation_id == first.deliberation_id and reply.status == COMPLETED
             assert [r.proposal.content for r in reply.results] == [r.proposal.content for r in first.results]
     finally:

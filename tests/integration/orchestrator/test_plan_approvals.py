@@ -63,7 +63,7 @@ async def test_approval_runs_one_deliberation_per_role(stub, bus):
     assert all(e.payload.winner_content and e.payload.selection_method in ("ARCHITECT", "FALLBACK") for e in done)
     assert len(rec.of("orchestration.deliberation.started")) == 2
     assert len(rec.of("orchestration.task.dispatched")) == 2
-    reply = await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="S-1:P-1:DEV"))
+    reply = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="S-1:P-1:DEV"))).result
     assert reply.status == dpb.DELIBERATION_STATUS_COMPLETED and reply.story_id == "S-1"
 
 

@@ -26,10 +26,9 @@ from services.common import events as ev
 from services.common.llm import VLLMClient
 from services.deliberation.domain import DeliberationResult, make_council
 from services.deliberation.engine import DeliberationEngine, InProcessExecutor
+from services.deliberation.proto import agent_to_proto, result_from_proto
 from services.local import infra as infra_module
 from services.local.processes import free_port
-from services.orchestrator.adapters.grpc_api import agent_to_proto
-from services.orchestrator.adapters.ray_runner import result_from_proto
 from services.ray_executor.adapters.grpc_api import request_to_domain
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
@@ -319,7 +318,7 @@ async def test_invalid_requests_and_unknown_deliberations(rx):
         (execute_request("d-1", agents=[dpb.Agent(agent_id="a"), dpb.Agent(agent_id="a")]), "agents"),
         (execute_request("d-1", architect=dpb.Agent(agent_id="arch", temperature=5)), "architect.temperature"),
         (execute_request("d-1", constraints=dpb.Constraints(timeout_seconds=-1)), "constraints.timeout_seconds"),
-        (execute_request("d-1", rounds=9), "rounds"),
+        (execute_request("d-1", constraints=dpb.Constraints(rounds=9)), "constraints.rounds"),
         (execute_request("d-1", vllm_url="ftp://x"), "vllm_url"),
     ]
     for request, field in cases:
@@ -381,7 +380,7 @@ async def test_orchestrator_with_executor_ray_runs_on_the_ray_executor(settings,
                 ("agent_completed", "GENERATE"),
                 ("agent_completed", "SCORE"),
             }
-            stored = await stub.GetDeliberationResult(opb.GetDeliberationResultRequest(task_id="T-orch-ray"))
+            stored = (await stub.GetDeliberationResult(opb.GetDeliberationResultRequest(task_id="T-orch-ray"))).result
             assert stored.status == COMPLETED and stored.executor == "ray"
             assert stored.deliberation_id == final.deliberation_id and stored.winner_id == final.winner_id
             status = await stub.GetStatus(opb.GetStatusRequest(include_stats=True))
@@ -462,9 +461,11 @@ async def test_orchestrator_fails_the_deliberation_when_the_ray_executor_is_unre
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(ch)
             await stub.CreateCouncil(opb.CreateCouncilRequest(role="QA", num_agents=2))
             t0 = time.monotonic()
-            reply = await stub.Deliberate(
-                opb.DeliberateRequest(task_id="T-unreachable", task_description="Test the parser.", role="QA")
-            )
+            reply = (
+                await stub.Deliberate(
+                    opb.DeliberateRequest(task_id="T-unreachable", task_description="Test the parser.", role="QA")
+                )
+            ).result
             assert time.monotonic() - t0 < 15
     finally:
         await orchestrator.stop(0.5)
@@ -477,9 +478,9 @@ async def test_a_ray_call_past_its_deadline_or_cancelled_at_it_leaves_nothing_ru
     the driver at the very moment the worker's own deadline fires (two cancels of one coroutine) are aborted."""
     from dataclasses import replace
 
-    from services.common.llm import ChatMessage, LLMRequest
     from services.deliberation.domain import Phase
     from services.deliberation.engine import AgentCall
+    from services.deliberation.llm import ChatMessage, LLMRequest
     from services.ray_executor.executor import AgentPool, CallSpec, RayExecutor
 
     def call(rid: str) -> AgentCall:

@@ -60,6 +60,37 @@ def test_plan_approved_rejects_bad_values(over, message):
         c.parse_event(approval(**over))
 
 
+def task(task_id: str, role: str = "DEV", depends_on=(), **over) -> dict:
+    return {"task_id": task_id, "description": f"do {task_id}", "role": role, "depends_on": list(depends_on), **over}
+
+
+@pytest.mark.parametrize(
+    ("tasks", "message"),
+    [
+        ([task("A", depends_on=["A"])], r"tasks\[0\]\.depends_on: task A depends on itself"),
+        ([task("A"), task("B", "QA", ["Z"])], r"tasks\[1\]\.depends_on: 'Z' is not a task of this plan"),
+        (
+            [task("A", depends_on=["C"]), task("B", "QA", ["A"]), task("C", "DATA", ["B"])],
+            r"tasks\[\d\]\.depends_on: a cycle: (A -> C -> B -> A|B -> A -> C -> B|C -> B -> A -> C)",
+        ),
+        ([task("A", tests="def test_x(:\n")], r"tasks\.0\.tests: .*not valid Python: line 1"),
+        ([task("A", tests="x = 1\n")], r"tasks\.0\.tests: .*defines no test function"),
+    ],
+)
+def test_a_plan_is_a_dag_with_usable_tests(tasks, message):
+    """Cycles, unknown or self dependencies and unusable tests are refused at validation (so the approval is
+    dead-lettered once, the field named), never discovered by a deliberation that waits forever."""
+    with pytest.raises(c.InvalidEvent, match=message):
+        c.parse_event(approval(tasks=tasks))
+
+
+def test_a_valid_dag_with_tests_is_accepted():
+    tests = "from solution import slugify\n\n\ndef test_spaces():\n    assert slugify('a b') == 'a-b'\n"
+    env = c.parse_event(approval(tasks=[task("A", tests=tests), task("B", "QA", ["A"]), task("C", "DATA", ["A", "B"])]))
+    assert [t.depends_on for t in env.payload.tasks] == [[], ["A"], ["A", "B"]]
+    assert env.payload.tasks[0].tests == tests.strip()  # the catalog trims text fields
+
+
 def test_strict_validation_does_not_coerce():
     with pytest.raises(c.InvalidEvent, match="priority"):
         c.parse_event(approval(tasks=[{"task_id": "T1", "description": "x", "role": "DEV", "priority": "3"}]))

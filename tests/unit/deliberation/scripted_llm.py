@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.llm import LLMRequest, LLMResponse, TokenUsage
+from services.common.errors import Unavailable
+from services.common.execution import Execution, ExecutionResult, Outcome, TestCase, TestCounts
 from services.deliberation.domain import Role, Task, TaskConstraints
+from services.deliberation.llm import LLMRequest, LLMResponse, TokenUsage
 
 PROPOSAL = """## Proposal by {agent}
 
@@ -73,7 +75,9 @@ def default_answer(request: LLMRequest) -> str:
         return default_scores(request)
     if request.schema_name == "selection":
         labels = request.json_schema["properties"]["winner"]["enum"]
-        return json.dumps({"winner": labels[0], "rationale": "Clearest and best tested."})
+        return json.dumps(
+            {"winner": labels[0], "rationale": "The clearest proposal of the finalists, and the best tested."}
+        )
     raise AssertionError(f"unexpected schema {request.schema_name}")
 
 
@@ -86,6 +90,7 @@ class ScriptedLLM:
     fail: Callable[[LLMRequest], BaseException | None] = lambda _: None
     delay: float | Callable[[LLMRequest], float] = 0.0
     tokens: tuple[int, int] = (20, 10)
+    finish: Callable[[LLMRequest], str] = lambda _: "stop"
     requests: list[LLMRequest] = field(default_factory=list)
     active: int = 0
     max_active: int = 0
@@ -106,7 +111,7 @@ class ScriptedLLM:
             if (error := self.fail(request)) is not None:
                 raise error
             answer = self.answers.get(request.schema_name, default_answer)(request)
-            return LLMResponse(answer, TokenUsage(*self.tokens), model="scripted", finish_reason="stop")
+            return LLMResponse(answer, TokenUsage(*self.tokens), model="scripted", finish_reason=self.finish(request))
         finally:
             self.active -= 1
             self._now[schema] -= 1
@@ -119,7 +124,7 @@ class ScriptedLLM:
         return [r for r in self.requests if r.schema_name == schema_name]
 
 
-def make_task(**constraints: Any) -> Task:
+def make_task(base_code: str = "", **constraints: Any) -> Task:
     requirements = constraints.pop("requirements", ("tests",))
     return Task(
         task_id="T-1",
@@ -129,4 +134,49 @@ def make_task(**constraints: Any) -> Task:
         story_id="S-1",
         context="The service already uses pydantic.",
         context_version="v7",
+        base_code=base_code,
     )
+
+
+TASK_TESTS = """from solution import parse_iso
+
+
+def test_parses_a_date():
+    assert parse_iso("2024-02-29").day == 29
+
+
+def test_rejects_garbage():
+    import pytest
+
+    with pytest.raises(ValueError):
+        parse_iso("nope")
+"""
+
+
+@dataclass
+class ScriptedSandbox:
+    """The engine's sandbox port, scripted: it never runs anything (the real one is tested against real bwrap in
+    tests/integration/sandbox). Every test function of the files "passes", except that code containing a
+    `# BUG` marker fails every test of test_task.py; `down` makes it unavailable."""
+
+    down: bool = False
+    executions: list[Execution] = field(default_factory=list)
+
+    async def execute(self, execution: Execution) -> ExecutionResult:
+        self.executions.append(execution)
+        if self.down:
+            raise Unavailable("sandbox at 127.0.0.1:9: UNAVAILABLE: connection refused")
+        buggy = "# BUG" in execution.files.get("solution.py", "")
+        cases = []
+        for path, source in sorted(execution.test_files.items()):
+            for name in re.findall(r"^(?:async )?def (test\w*)", source, re.M):
+                failed = buggy and path == "test_task.py"
+                message = "AssertionError: assert 28 == 29" if failed else ""
+                cases.append(TestCase(f"{path}::{name}", "failed" if failed else "passed", message))
+        own = execution.test_files.get("test_proposal.py", "")
+        if "from solution import *" in own:  # the proposal's tests live in solution.py: collected through the import
+            for name in re.findall(r"^def (test\w*)", execution.files["solution.py"], re.M):
+                cases.append(TestCase(f"test_proposal.py::{name}", "passed"))
+        counts = TestCounts.of(cases)
+        outcome = Outcome.FAILED if counts.failed else Outcome.PASSED if counts.passed else Outcome.ERROR
+        return ExecutionResult(outcome, int(outcome != Outcome.PASSED), counts, duration_ms=12.0, isolation="scripted")

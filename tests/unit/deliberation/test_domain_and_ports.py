@@ -11,7 +11,6 @@ from scripted_llm import ScriptedLLM
 
 from services.common import events as ev
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.llm import ChatMessage, LLMError, LLMRequest
 from services.deliberation import prompts
 from services.deliberation.domain import (
     CheckResult,
@@ -27,6 +26,7 @@ from services.deliberation.domain import (
     rank_proposals,
 )
 from services.deliberation.engine import AgentCall, CallOutcome, InProcessExecutor, ObservedExecutor, call_id
+from services.deliberation.llm import ChatMessage, LLMError, LLMRequest
 
 # --- councils and tasks ----------------------------------------------------------------------------------------
 
@@ -173,8 +173,18 @@ def test_answers_are_parsed_tolerantly():
     assert prompts.parse_json('prefix {"a": {"b": 1}} suffix {"c": 2}') == {"a": {"b": 1}}
     long = prompts.parse_critique(json.dumps({"verdict": "accept", "summary": "x" * 999, "issues": []}))
     assert len(long.summary) == prompts.SUMMARY_MAX
-    selection = prompts.parse_selection('{"winner": "candidate b", "rationale": "why"}', ["A", "B"])
-    assert selection == prompts.SelectionAnswer("B", "why")
+    why = "B parses every date in the tests and rejects garbage."
+    selection = prompts.parse_selection(json.dumps({"winner": "candidate b", "rationale": why}), ["A", "B"])
+    assert selection == prompts.SelectionAnswer("B", why)
+
+
+@pytest.mark.parametrize("rationale", ["C", "why", "B is best.", "B:clearly-superior,obviously!!!!!"])
+def test_a_selection_without_a_real_reason_is_unusable(rationale):
+    """A one-letter "C" (seen from a 135M model) is no rationale: bounded from below too."""
+    with pytest.raises(prompts.AnswerError, match="must give a reason"):
+        prompts.parse_selection(json.dumps({"winner": "B", "rationale": rationale}), ["A", "B"])
+    schema = prompts.selection_schema(["A", "B"])["properties"]["rationale"]
+    assert schema["minLength"] == prompts.RATIONALE_MIN and schema["maxLength"] == prompts.RATIONALE_MAX
 
 
 @pytest.mark.parametrize(
@@ -189,13 +199,16 @@ def test_bad_critiques_are_rejected(text):
 def test_scores_are_checked_against_their_bounds():
     keys = ["correctness", "tests"]
     good = {"correctness": 7, "tests": 8.0, "reason": "ok"}
-    answers = prompts.parse_scores(json.dumps({"A": good, "B": {"correctness": 0, "tests": 5}}), ["A", "B"], keys)
+    answers, dropped = prompts.parse_scores(
+        json.dumps({"A": good, "B": {"correctness": 0, "tests": 5}}), ["A", "B"], keys
+    )
     assert [(a.label, a.scores) for a in answers] == [("A", {"correctness": 7, "tests": 8})]
+    assert dropped == [("B", "B.correctness must be 1..10, got 0")]  # returned, so the engine can record it
     with pytest.raises(prompts.AnswerError, match=r"must be 1\.\.10"):
         prompts.parse_scores(json.dumps({"A": {"correctness": 11, "tests": 5}}), ["A"], keys)
     with pytest.raises(prompts.AnswerError, match="integer"):
         prompts.parse_scores(json.dumps({"A": {"correctness": True, "tests": 5}}), ["A"], keys)
-    wrapped = prompts.parse_scores(json.dumps({"scores": {"A": good}}), ["A"], keys)
+    wrapped, _ = prompts.parse_scores(json.dumps({"scores": {"A": good}}), ["A"], keys)
     assert wrapped[0].scores == {"correctness": 7, "tests": 8}
 
 

@@ -7,13 +7,14 @@ import json
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import httpx
 import pytest
-from scripted_llm import ScriptedLLM, candidates_shown, default_scores, make_task, parts
+from scripted_llm import TASK_TESTS, ScriptedLLM, ScriptedSandbox, candidates_shown, default_scores, make_task, parts
 
 from services.common.errors import Unavailable
-from services.common.llm import LLMError, VLLMClient
+from services.common.llm import VLLMClient
 from services.deliberation.domain import (
     DeliberationResult,
     DeliberationStatus,
@@ -22,13 +23,16 @@ from services.deliberation.domain import (
     Role,
     make_council,
 )
-from services.deliberation.engine import DeliberationEngine, InProcessExecutor
+from services.deliberation.engine import DeliberationEngine, InProcessExecutor, projected_tokens
+from services.deliberation.grounding import ProposalChecker
+from services.deliberation.llm import LLMError, TokenUsage
 
 ALL_PHASES = [Phase.GENERATE, Phase.CRITIQUE, Phase.REVISE, Phase.CHECK, Phase.SCORE, Phase.SELECT]
 
 
-async def deliberate(llm, task, council, architect=None, **engine_kw) -> DeliberationResult:
-    engine = DeliberationEngine(InProcessExecutor(llm), **engine_kw)
+async def deliberate(llm, task, council, architect=None, sandbox=None, **engine_kw) -> DeliberationResult:
+    checker = ProposalChecker(sandbox if sandbox is not None else ScriptedSandbox())
+    engine = DeliberationEngine(InProcessExecutor(llm), checker=checker, **engine_kw)
     return await engine.run(task, council, architect, "d1")
 
 
@@ -42,9 +46,12 @@ async def test_a_full_deliberation_completes_with_everything_recorded(llm, task,
     async def on_progress(e: ProgressEvent) -> None:
         events.append(e)
 
-    result = await deliberate(llm, task, council, architect, on_progress=on_progress)
+    sandbox = ScriptedSandbox()
+    result = await deliberate(llm, make_task(tests=TASK_TESTS), council, architect, sandbox, on_progress=on_progress)
 
     assert result.status == DeliberationStatus.COMPLETED and result.error_message == ""
+    assert result.verified and "tests.task (the task's tests: 2/2 passed" in result.verified_reason
+    assert not result.notes
     assert [r.rank for r in result.results] == [1, 2, 3]
     assert sorted(authors(result)) == [a.agent_id for a in council.agents]
     assert result.selection is not None and result.selection.method == "ARCHITECT"
@@ -55,8 +62,15 @@ async def test_a_full_deliberation_completes_with_everything_recorded(llm, task,
     assert not result.failures
     for r in result.results:
         assert r.proposal.author_role == Role.DEV and r.proposal.content == r.proposal.revisions[-1].content
-        assert {c.name for c in r.checks} >= {"python.syntax", "python.lint", "policy.secrets"}
+        assert {c.name for c in r.checks} >= {"deliverable", "python.syntax", "python.lint", "tests.task"}
         assert r.check_score == 10.0 and r.peer_score == 7.0 and r.score == pytest.approx(0.7 * 7 + 0.3 * 10)
+        # every revision was checked: the original before its critic saw it, the revision before the ranking
+        assert [len(v.checks) > 0 for v in r.proposal.revisions] == [True, True] and r.checks == r.proposal.revisions[
+            -1
+        ].checks
+    # each revision ran once in the sandbox: solution.py and the task's tests
+    assert len(sandbox.executions) == 6
+    assert all(set(e.files) == {"solution.py"} and set(e.test_files) == {"test_task.py"} for e in sandbox.executions)
     # tokens: 3 generate + 3 critique + 3 revise + 3 score + 1 select calls of 30 tokens
     assert result.total_tokens == 13 * 30
     assert result.tokens_by_phase == {
@@ -72,8 +86,11 @@ async def test_a_full_deliberation_completes_with_everything_recorded(llm, task,
 
     started = [e.phase for e in events if e.kind == "phase_started"]
     completed = [e.phase for e in events if e.kind == "phase_completed"]
-    assert started[:3] == completed[:3] == ALL_PHASES[:3] and started[-1] == completed[-1] == Phase.SELECT
-    assert set(started[3:5]) == set(completed[3:5]) == {Phase.CHECK, Phase.SCORE}  # the checks run while peers score
+    grounded = [Phase.GENERATE, Phase.CHECK, Phase.CRITIQUE, Phase.REVISE]  # checked before its critic reads it
+    assert started[:4] == completed[:4] == grounded and started[-1] == completed[-1] == Phase.SELECT
+    assert (
+        set(started[4:6]) == set(completed[4:6]) == {Phase.CHECK, Phase.SCORE}
+    )  # the last checks run while peers score
     assert events[0].kind == "deliberation_started" and events[-1].kind == "deliberation_completed"
     assert sum(e.kind == "agent_completed" and e.phase == Phase.GENERATE for e in events) == 3
     assert all(e.deliberation_id == "d1" and e.task_id == "T-1" and e.role == Role.DEV for e in events)
@@ -85,7 +102,8 @@ async def test_requests_share_the_prefix_and_carry_each_agents_sampling(llm, tas
     assert len(systems) == 1  # the whole council and the architect share the system prompt
     (system,) = systems
     assert "T-1" in system and "parses ISO dates" in system and "pydantic" in system and "version v7" in system
-    assert "correctness" in system and "- tests" in system
+    assert "- tests" in system  # the requirements; the rubric comes where it is used
+    assert all("correctness" in r.messages[-1].content for r in llm.requests if r.schema_name in ("critique", "scores"))
     assert all(r.messages[0].role == "system" and r.messages[-1].role == "user" for r in llm.requests)
     assert not any(r.enable_thinking for r in llm.requests)
     assert all(r.max_tokens >= task.constraints.max_tokens for r in llm.requests)
@@ -203,13 +221,13 @@ async def test_peer_scores_rank_the_proposals(council, architect):
 async def test_the_architect_picks_among_the_top_k(council, architect):
     def pick_b(request):
         assert request.json_schema["properties"]["winner"]["enum"] == ["A", "B"]  # top_k = 2
-        return json.dumps({"winner": "B", "rationale": "B handles invalid input best."})
+        return json.dumps({"winner": "B", "rationale": "B handles invalid input best and its tests say so."})
 
     llm = ScriptedLLM(answers={"selection": pick_b})
     result = await deliberate(llm, make_task(top_k=2), council, architect)
     assert result.selection is not None and result.selection.method == "ARCHITECT"
     assert result.winner_id == result.results[1].proposal.author_id  # B = the second best scored
-    assert result.selection.rationale == "B handles invalid input best."
+    assert result.selection.rationale == "B handles invalid input best and its tests say so."
     (select,) = llm.by_schema("selection")
     assert parts(select)["agent"] == architect.agent_id and "combined score" in select.messages[-1].content
 
@@ -265,7 +283,7 @@ async def test_the_deadline_ends_in_timeout_with_partial_results(council, archit
     assert len(result.results) == 3 and all(len(r.proposal.revisions) == 1 for r in result.results)
     assert result.selection is not None and result.selection.method == "FALLBACK"
     assert "stopped early" in result.selection.rationale
-    assert set(result.phase_durations_ms) == {Phase.GENERATE, Phase.CRITIQUE}
+    assert set(result.phase_durations_ms) == {Phase.GENERATE, Phase.CHECK, Phase.CRITIQUE}
     assert result.tokens_by_phase == {Phase.GENERATE: 90}
 
 
@@ -276,14 +294,71 @@ async def test_a_deadline_during_generate_keeps_nothing_but_never_hangs(council,
     assert result.duration_ms < 10_000  # the LLM would have taken 30 s: the deadline ended it
 
 
-async def test_the_token_budget_ends_the_deliberation_with_partial_results(council, architect):
-    llm = ScriptedLLM(tokens=(80, 20))
-    result = await deliberate(llm, make_task(token_budget=250), council, architect)
+class RecordingExecutor(InProcessExecutor):
+    """The in-process executor, remembering each phase's calls (to know what a phase projects)."""
+
+    def __init__(self, llm) -> None:
+        super().__init__(llm)
+        self.phases: dict[Phase, list] = defaultdict(list)
+
+    async def run(self, calls):
+        self.phases[calls[0].phase].extend(calls)
+        return await super().run(calls)
+
+
+async def test_a_phase_that_would_exceed_the_token_budget_is_not_started(council, architect):
+    """The budget is checked before a phase is dispatched, on its projection (prompts at 3 characters a token,
+    completions at max_tokens): the deliberation stops FAILED with what it has, and no call goes over."""
+    recording = RecordingExecutor(ScriptedLLM())
+    await DeliberationEngine(recording, checker=ProposalChecker(ScriptedSandbox())).run(
+        make_task(), council, architect, "d1"
+    )
+    generate, critique = (projected_tokens(recording.phases[p]) for p in (Phase.GENERATE, Phase.CRITIQUE))
+    used_after_generate = 3 * 30
+    budget = used_after_generate + critique - 1  # GENERATE fits, CRITIQUE does not
+    assert generate <= budget
+    llm = ScriptedLLM()
+    result = await deliberate(llm, make_task(token_budget=budget), council, architect)
     assert result.status == DeliberationStatus.FAILED
-    assert "token budget of 250" in result.error_message and "GENERATE" in result.error_message
-    assert "300 tokens" in result.error_message
+    assert result.error_message == (
+        f"token budget of {budget} would be exceeded by the CRITIQUE phase ({used_after_generate} tokens used, "
+        f"{critique} projected): not started"
+    )
+    assert not llm.by_schema("critique") and len(llm.requests) == 3
     assert len(result.results) == 3 and result.selection is not None and result.selection.method == "FALLBACK"
-    assert len(llm.requests) == 3  # nothing ran after the phase that went over
+    assert result.total_tokens <= budget
+
+
+async def test_the_budget_never_fails_a_finished_deliberation(council, architect):
+    """Past SELECT nothing is checked: a deliberation whose last call used more than its projection completes.
+    And when the architect's call itself does not fit what is left, the fallback decides, noted."""
+
+    class Costly(ScriptedLLM):
+        async def complete(self, request, on_delta=None):
+            response = await super().complete(request, on_delta)
+            if request.schema_name == self.costly:
+                return replace(response, usage=TokenUsage(self.cost, 10))
+            return response
+
+    over = Costly()
+    over.costly, over.cost = "selection", 60_000
+    result = await deliberate(over, make_task(token_budget=50_000), council, architect)
+    assert result.status == DeliberationStatus.COMPLETED and result.selection.method == "ARCHITECT"
+    assert result.total_tokens > 50_000  # the architect's answer went over; nothing fails after it
+
+    tight = Costly()
+    tight.costly, tight.cost = "scores", 33_000  # three votes leave no room for the architect's projected call
+    result = await deliberate(tight, make_task(token_budget=100_000), council, architect)
+    assert result.status == DeliberationStatus.COMPLETED
+    assert result.selection.method == "FALLBACK" and "token budget" in result.selection.rationale
+    assert any("token budget of 100000" in n for n in result.notes)
+    assert not tight.by_schema("selection")
+
+
+async def test_an_unlimited_budget_is_zero(council, architect):
+    llm = ScriptedLLM(tokens=(10_000_000, 10))
+    result = await deliberate(llm, make_task(token_budget=0), council, architect)
+    assert result.status == DeliberationStatus.COMPLETED and result.total_tokens > 100_000_000
 
 
 async def test_every_agent_failing_fails_the_deliberation_with_the_reason(council, architect):
@@ -377,7 +452,7 @@ async def test_each_phase_runs_its_calls_concurrently(council, architect):
 
 
 async def test_checks_run_off_the_event_loop_and_concurrently(llm, council, architect, monkeypatch):
-    import services.deliberation.engine as engine_module
+    import services.deliberation.grounding as grounding_module
 
     running, peak, ticks_during = 0, 0, []
     lock = threading.Lock()
@@ -394,7 +469,7 @@ async def test_checks_run_off_the_event_loop_and_concurrently(llm, council, arch
             running -= 1
         return []
 
-    monkeypatch.setattr(engine_module, "run_checks", slow_checks)
+    monkeypatch.setattr(grounding_module, "run_checks", slow_checks)
     ticks = 0
 
     async def ticker():
@@ -455,7 +530,7 @@ async def test_against_the_loopback_openai_server(task, council, architect):
 
 
 async def test_checks_run_while_the_peers_score(council, architect, monkeypatch):
-    import services.deliberation.engine as engine_module
+    import services.deliberation.grounding as grounding_module
 
     checking: list[tuple[float, float]] = []
 
@@ -465,14 +540,15 @@ async def test_checks_run_while_the_peers_score(council, architect, monkeypatch)
         checking.append((start, time.perf_counter()))
         return []
 
-    monkeypatch.setattr(engine_module, "run_checks", slow_checks)
+    monkeypatch.setattr(grounding_module, "run_checks", slow_checks)
     llm = ScriptedLLM(delay=0.3)
     result = await deliberate(llm, make_task(), council, architect)
     assert result.status == DeliberationStatus.COMPLETED
     scoring = [(start, end) for schema, start, end in llm.spans if schema == "scores"]
-    assert len(checking) == 3 and len(scoring) == 3
-    # every check overlapped the peers' scoring calls: off the critical path, not after it
-    assert all(any(c0 < s1 and s0 < c1 for s0, s1 in scoring) for c0, c1 in checking)
+    assert len(checking) == 6 and len(scoring) == 3  # the originals (before review) and the revisions
+    last = sorted(checking)[3:]
+    # the revisions' checks overlapped the peers' scoring calls: off the critical path, not after it
+    assert all(any(c0 < s1 and s0 < c1 for s0, s1 in scoring) for c0, c1 in last)
 
 
 def test_a_voter_using_every_character_the_score_schema_allows_is_not_cut_off():

@@ -127,6 +127,7 @@ def test_deliberation_summaries_follow_the_events_and_give_tokens_a_story():
     assert token_event.story_id == "S-5"  # known from the deliberation
     (s,) = feed.deliberations.list(story="S-5")
     assert s.status == ev.DeliberationStatus.IN_PROGRESS and s.num_agents == 3 and s.agents == ["agent-dev-001"]
+    assert s.verified is None  # not known until it ends
     done = ev.DeliberationCompleted(
         **d,
         winner_id="agent-dev-001",
@@ -134,6 +135,8 @@ def test_deliberation_summaries_follow_the_events_and_give_tokens_a_story():
         winner_content="x",
         winner_score=8.0,
         selection_method="FALLBACK",
+        verified=True,
+        verified_reason="passed deliverable, tests.task (3 passed)",
     )
     take(feed, ev.make_event(done, ev.ORCHESTRATOR), 3)
     # A late agent event does not move a finished deliberation back.
@@ -143,12 +146,14 @@ def test_deliberation_summaries_follow_the_events_and_give_tokens_a_story():
     take(feed, ev.make_event(late, ev.ORCHESTRATOR), 2)
     (s,) = feed.deliberations.list(status="COMPLETED")
     assert s.winner_id == "agent-dev-001" and s.selection_method == "FALLBACK" and s.agents[-1] == "agent-dev-002"
+    assert s.verified is True and s.verified_reason == "passed deliverable, tests.task (3 passed)"
     failed = ev.DeliberationFailed(
         deliberation_id="D-2", task_id="T-2", role=ev.Role.QA, status="TIMEOUT", error="deadline"
     )
     take(feed, ev.make_event(failed, ev.ORCHESTRATOR), 4)
     assert [x.deliberation_id for x in feed.deliberations.list()] == ["D-2", "D-1"]
-    assert feed.deliberations.list(status="TIMEOUT")[0].error == "deadline"
+    timed_out = feed.deliberations.list(status="TIMEOUT")[0]
+    assert timed_out.error == "deadline" and timed_out.verified is False  # no winner: nothing verified
 
 
 def test_deliberation_index_is_bounded():

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -40,20 +43,24 @@ class Criterion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Constraints(_message.Message):
-    __slots__ = ("rubric", "requirements", "timeout_seconds", "max_tokens", "token_budget", "top_k")
+    __slots__ = ("rubric", "requirements", "timeout_seconds", "max_tokens", "token_budget", "top_k", "rounds", "tests")
     RUBRIC_FIELD_NUMBER: _ClassVar[int]
     REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TESTS_FIELD_NUMBER: _ClassVar[int]
     rubric: _containers.RepeatedCompositeFieldContainer[Criterion]
     requirements: _containers.RepeatedScalarFieldContainer[str]
     timeout_seconds: float
     max_tokens: int
     token_budget: int
     top_k: int
-    def __init__(self, rubric: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., requirements: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., token_budget: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+    rounds: int
+    tests: str
+    def __init__(self, rubric: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., requirements: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., token_budget: _Optional[int] = ..., top_k: _Optional[int] = ..., rounds: _Optional[int] = ..., tests: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "role", "persona", "temperature", "seed")
@@ -70,14 +77,16 @@ class Agent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., role: _Optional[str] = ..., persona: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Revision(_message.Message):
-    __slots__ = ("number", "content", "reason")
+    __slots__ = ("number", "content", "reason", "checks")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     number: int
     content: str
     reason: str
-    def __init__(self, number: _Optional[int] = ..., content: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
+    def __init__(self, number: _Optional[int] = ..., content: _Optional[str] = ..., reason: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("proposal_id", "author_id", "author_role", "content", "revisions")
@@ -124,18 +133,20 @@ class Finding(_message.Message):
     def __init__(self, message: _Optional[str] = ..., severity: _Optional[str] = ..., line: _Optional[int] = ..., block: _Optional[int] = ...) -> None: ...
 
 class CheckResult(_message.Message):
-    __slots__ = ("name", "passed", "applicable", "findings", "detail")
+    __slots__ = ("name", "passed", "applicable", "findings", "detail", "gating")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     APPLICABLE_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    GATING_FIELD_NUMBER: _ClassVar[int]
     name: str
     passed: bool
     applicable: bool
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
     detail: str
-    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., applicable: _Optional[bool] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., detail: _Optional[str] = ...) -> None: ...
+    gating: bool
+    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., applicable: _Optional[bool] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., detail: _Optional[str] = ..., gating: _Optional[bool] = ...) -> None: ...
 
 class Vote(_message.Message):
     __slots__ = ("voter_id", "proposal_id", "position", "scores", "reason")
@@ -219,7 +230,7 @@ class AgentFailure(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeliberationResult(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note", "verified", "verified_reason", "notes", "started_at", "finished_at")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -239,11 +250,16 @@ class DeliberationResult(_message.Message):
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[RankedProposal]
     winner_id: str
-    duration_ms: int
+    duration_ms: float
     deliberation_id: str
     role: str
     council_id: str
@@ -258,7 +274,12 @@ class DeliberationResult(_message.Message):
     executor: str
     story_id: str
     context_note: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
+    verified: bool
+    verified_reason: str
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fleet.deliberation.v1 import deliberation_pb2 as fleet_dot_deliberation_dot_v1_dot_deliberation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/orchestrator/v1/orchestrator.proto\x12\x15\x66leet.orchestrator.v1\x1a(fleet/deliberation/v1/deliberation.proto\"\xca\x01\n\x11\x44\x65liberateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x18\n\x10task_description\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x37\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32\".fleet.deliberation.v1.Constraints\x12\x0e\n\x06rounds\x18\x05 \x01(\x05\x12\x12\n\nnum_agents\x18\x06 \x01(\x05\x12\x10\n\x08story_id\x18\x07 \x01(\t\x12\r\n\x05phase\x18\x08 \x01(\t\"\x8c\x05\n\x12\x44\x65liberateResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x36\n\x07results\x18\x03 \x03(\x0b\x32%.fleet.deliberation.v1.RankedProposal\x12\x11\n\twinner_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x03\x12\x17\n\x0f\x64\x65liberation_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x12\n\ncouncil_id\x18\x08 \x01(\t\x12\x33\n\tselection\x18\t \x01(\x0b\x32 .fleet.deliberation.v1.Selection\x12\x32\n\tcritiques\x18\n \x03(\x0b\x32\x1f.fleet.deliberation.v1.Critique\x12\x30\n\x05usage\x18\x0b \x03(\x0b\x32!.fleet.deliberation.v1.TokenUsage\x12=\n\x0fphase_durations\x18\x0c \x03(\x0b\x32$.fleet.deliberation.v1.PhaseDuration\x12\x35\n\x08\x66\x61ilures\x18\r \x03(\x0b\x32#.fleet.deliberation.v1.AgentFailure\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\x0f \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x10 \x01(\x03\x12\x10\n\x08\x65xecutor\x18\x11 \x01(\t\x12\x10\n\x08story_id\x18\x12 \x01(\t\x12\x14\n\x0c\x63ontext_note\x18\x13 \x01(\t\"[\n\x19StreamDeliberationRequest\x12>\n\x0c\x64\x65liberation\x18\x01 \x01(\x0b\x32(.fleet.orchestrator.v1.DeliberateRequest\"\x9d\x01\n\x1aStreamDeliberationResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.fleet.deliberation.v1.ProgressEventH\x00\x12;\n\x06result\x18\x02 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResultH\x00\x42\x08\n\x06update\"/\n\x1cGetDeliberationResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x97\x05\n\x1dGetDeliberationResultResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x36\n\x07results\x18\x03 \x03(\x0b\x32%.fleet.deliberation.v1.RankedProposal\x12\x11\n\twinner_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x03\x12\x17\n\x0f\x64\x65liberation_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x12\n\ncouncil_id\x18\x08 \x01(\t\x12\x33\n\tselection\x18\t \x01(\x0b\x32 .fleet.deliberation.v1.Selection\x12\x32\n\tcritiques\x18\n \x03(\x0b\x32\x1f.fleet.deliberation.v1.Critique\x12\x30\n\x05usage\x18\x0b \x03(\x0b\x32!.fleet.deliberation.v1.TokenUsage\x12=\n\x0fphase_durations\x18\x0c \x03(\x0b\x32$.fleet.deliberation.v1.PhaseDuration\x12\x35\n\x08\x66\x61ilures\x18\r \x03(\x0b\x32#.fleet.deliberation.v1.AgentFailure\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\x0f \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x10 \x01(\x03\x12\x10\n\x08\x65xecutor\x18\x11 \x01(\t\x12\x10\n\x08story_id\x18\x12 \x01(\t\x12\x14\n\x0c\x63ontext_note\x18\x13 \x01(\t\"m\n\x07\x43ouncil\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_agents\x18\x03 \x01(\x05\x12,\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x1c.fleet.deliberation.v1.Agent\"8\n\x14\x43reateCouncilRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nnum_agents\x18\x02 \x01(\x05\"o\n\x15\x43reateCouncilResponse\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t\x12/\n\x07\x63ouncil\x18\x03 \x01(\x0b\x32\x1e.fleet.orchestrator.v1.Council\"B\n\x13ListCouncilsRequest\x12\x13\n\x0brole_filter\x18\x01 \x01(\t\x12\x16\n\x0einclude_agents\x18\x02 \x01(\x08\"H\n\x14ListCouncilsResponse\x12\x30\n\x08\x63ouncils\x18\x01 \x03(\x0b\x32\x1e.fleet.orchestrator.v1.Council\"$\n\x14\x44\x65leteCouncilRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"C\n\x15\x44\x65leteCouncilResponse\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61gents_removed\x18\x02 \x01(\x05\")\n\x10GetStatusRequest\x12\x15\n\rinclude_stats\x18\x01 \x01(\x08\"\xa9\x03\n\x05Stats\x12\x1b\n\x13total_deliberations\x18\x01 \x01(\x03\x12X\n\x17\x64\x65liberations_by_status\x18\x02 \x03(\x0b\x32\x37.fleet.orchestrator.v1.Stats.DeliberationsByStatusEntry\x12\x1b\n\x13\x61verage_duration_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x61\x63tive_councils\x18\x04 \x01(\x05\x12T\n\x15\x64\x65liberations_by_role\x18\x05 \x03(\x0b\x32\x35.fleet.orchestrator.v1.Stats.DeliberationsByRoleEntry\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x10\n\x08\x65xecutor\x18\x07 \x01(\t\x1a<\n\x1a\x44\x65liberationsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18\x44\x65liberationsByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"h\n\x11GetStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x03\x12+\n\x05stats\x18\x03 \x01(\x0b\x32\x1c.fleet.orchestrator.v1.Stats2\x9b\x06\n\x13OrchestratorService\x12\x61\n\nDeliberate\x12(.fleet.orchestrator.v1.DeliberateRequest\x1a).fleet.orchestrator.v1.DeliberateResponse\x12{\n\x12StreamDeliberation\x12\x30.fleet.orchestrator.v1.StreamDeliberationRequest\x1a\x31.fleet.orchestrator.v1.StreamDeliberationResponse0\x01\x12\x82\x01\n\x15GetDeliberationResult\x12\x33.fleet.orchestrator.v1.GetDeliberationResultRequest\x1a\x34.fleet.orchestrator.v1.GetDeliberationResultResponse\x12j\n\rCreateCouncil\x12+.fleet.orchestrator.v1.CreateCouncilRequest\x1a,.fleet.orchestrator.v1.CreateCouncilResponse\x12g\n\x0cListCouncils\x12*.fleet.orchestrator.v1.ListCouncilsRequest\x1a+.fleet.orchestrator.v1.ListCouncilsResponse\x12j\n\rDeleteCouncil\x12+.fleet.orchestrator.v1.DeleteCouncilRequest\x1a,.fleet.orchestrator.v1.DeleteCouncilResponse\x12^\n\tGetStatus\x12\'.fleet.orchestrator.v1.GetStatusRequest\x1a(.fleet.orchestrator.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/orchestrator/v1/orchestrator.proto\x12\x15\x66leet.orchestrator.v1\x1a(fleet/deliberation/v1/deliberation.proto\"\xc8\x01\n\x11\x44\x65liberateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x18\n\x10task_description\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x37\n\x0b\x63onstraints\x18\x04 \x01(\x0b\x32\".fleet.deliberation.v1.Constraints\x12\x12\n\nnum_agents\x18\x06 \x01(\x05\x12\x10\n\x08story_id\x18\x07 \x01(\t\x12\r\n\x05phase\x18\x08 \x01(\tJ\x04\x08\x05\x10\x06R\x06rounds\"O\n\x12\x44\x65liberateResponse\x12\x39\n\x06result\x18\x01 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResult\"[\n\x19StreamDeliberationRequest\x12>\n\x0c\x64\x65liberation\x18\x01 \x01(\x0b\x32(.fleet.orchestrator.v1.DeliberateRequest\"\x9d\x01\n\x1aStreamDeliberationResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.fleet.deliberation.v1.ProgressEventH\x00\x12;\n\x06result\x18\x02 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResultH\x00\x42\x08\n\x06update\"/\n\x1cGetDeliberationResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"Z\n\x1dGetDeliberationResultResponse\x12\x39\n\x06result\x18\x01 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResult\"m\n\x07\x43ouncil\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_agents\x18\x03 \x01(\x05\x12,\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x1c.fleet.deliberation.v1.Agent\"8\n\x14\x43reateCouncilRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nnum_agents\x18\x02 \x01(\x05\"o\n\x15\x43reateCouncilResponse\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x11\n\tagent_ids\x18\x02 \x03(\t\x12/\n\x07\x63ouncil\x18\x03 \x01(\x0b\x32\x1e.fleet.orchestrator.v1.Council\"B\n\x13ListCouncilsRequest\x12\x13\n\x0brole_filter\x18\x01 \x01(\t\x12\x16\n\x0einclude_agents\x18\x02 \x01(\x08\"H\n\x14ListCouncilsResponse\x12\x30\n\x08\x63ouncils\x18\x01 \x03(\x0b\x32\x1e.fleet.orchestrator.v1.Council\"$\n\x14\x44\x65leteCouncilRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"C\n\x15\x44\x65leteCouncilResponse\x12\x12\n\ncouncil_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61gents_removed\x18\x02 \x01(\x05\")\n\x10GetStatusRequest\x12\x15\n\rinclude_stats\x18\x01 \x01(\x08\"\xa9\x03\n\x05Stats\x12\x1b\n\x13total_deliberations\x18\x01 \x01(\x03\x12X\n\x17\x64\x65liberations_by_status\x18\x02 \x03(\x0b\x32\x37.fleet.orchestrator.v1.Stats.DeliberationsByStatusEntry\x12\x1b\n\x13\x61verage_duration_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x61\x63tive_councils\x18\x04 \x01(\x05\x12T\n\x15\x64\x65liberations_by_role\x18\x05 \x03(\x0b\x32\x35.fleet.orchestrator.v1.Stats.DeliberationsByRoleEntry\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x10\n\x08\x65xecutor\x18\x07 \x01(\t\x1a<\n\x1a\x44\x65liberationsByStatusEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a:\n\x18\x44\x65liberationsByRoleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"h\n\x11GetStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x03\x12+\n\x05stats\x18\x03 \x01(\x0b\x32\x1c.fleet.orchestrator.v1.Stats2\x9b\x06\n\x13OrchestratorService\x12\x61\n\nDeliberate\x12(.fleet.orchestrator.v1.DeliberateRequest\x1a).fleet.orchestrator.v1.DeliberateResponse\x12{\n\x12StreamDeliberation\x12\x30.fleet.orchestrator.v1.StreamDeliberationRequest\x1a\x31.fleet.orchestrator.v1.StreamDeliberationResponse0\x01\x12\x82\x01\n\x15GetDeliberationResult\x12\x33.fleet.orchestrator.v1.GetDeliberationResultRequest\x1a\x34.fleet.orchestrator.v1.GetDeliberationResultResponse\x12j\n\rCreateCouncil\x12+.fleet.orchestrator.v1.CreateCouncilRequest\x1a,.fleet.orchestrator.v1.CreateCouncilResponse\x12g\n\x0cListCouncils\x12*.fleet.orchestrator.v1.ListCouncilsRequest\x1a+.fleet.orchestrator.v1.ListCouncilsResponse\x12j\n\rDeleteCouncil\x12+.fleet.orchestrator.v1.DeleteCouncilRequest\x1a,.fleet.orchestrator.v1.DeleteCouncilResponse\x12^\n\tGetStatus\x12\'.fleet.orchestrator.v1.GetStatusRequest\x1a(.fleet.orchestrator.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,41 +37,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATS_DELIBERATIONSBYROLEENTRY']._loaded_options = None
   _globals['_STATS_DELIBERATIONSBYROLEENTRY']._serialized_options = b'8\001'
   _globals['_DELIBERATEREQUEST']._serialized_start=110
-  _globals['_DELIBERATEREQUEST']._serialized_end=312
-  _globals['_DELIBERATERESPONSE']._serialized_start=315
-  _globals['_DELIBERATERESPONSE']._serialized_end=967
-  _globals['_STREAMDELIBERATIONREQUEST']._serialized_start=969
-  _globals['_STREAMDELIBERATIONREQUEST']._serialized_end=1060
-  _globals['_STREAMDELIBERATIONRESPONSE']._serialized_start=1063
-  _globals['_STREAMDELIBERATIONRESPONSE']._serialized_end=1220
-  _globals['_GETDELIBERATIONRESULTREQUEST']._serialized_start=1222
-  _globals['_GETDELIBERATIONRESULTREQUEST']._serialized_end=1269
-  _globals['_GETDELIBERATIONRESULTRESPONSE']._serialized_start=1272
-  _globals['_GETDELIBERATIONRESULTRESPONSE']._serialized_end=1935
-  _globals['_COUNCIL']._serialized_start=1937
-  _globals['_COUNCIL']._serialized_end=2046
-  _globals['_CREATECOUNCILREQUEST']._serialized_start=2048
-  _globals['_CREATECOUNCILREQUEST']._serialized_end=2104
-  _globals['_CREATECOUNCILRESPONSE']._serialized_start=2106
-  _globals['_CREATECOUNCILRESPONSE']._serialized_end=2217
-  _globals['_LISTCOUNCILSREQUEST']._serialized_start=2219
-  _globals['_LISTCOUNCILSREQUEST']._serialized_end=2285
-  _globals['_LISTCOUNCILSRESPONSE']._serialized_start=2287
-  _globals['_LISTCOUNCILSRESPONSE']._serialized_end=2359
-  _globals['_DELETECOUNCILREQUEST']._serialized_start=2361
-  _globals['_DELETECOUNCILREQUEST']._serialized_end=2397
-  _globals['_DELETECOUNCILRESPONSE']._serialized_start=2399
-  _globals['_DELETECOUNCILRESPONSE']._serialized_end=2466
-  _globals['_GETSTATUSREQUEST']._serialized_start=2468
-  _globals['_GETSTATUSREQUEST']._serialized_end=2509
-  _globals['_STATS']._serialized_start=2512
-  _globals['_STATS']._serialized_end=2937
-  _globals['_STATS_DELIBERATIONSBYSTATUSENTRY']._serialized_start=2817
-  _globals['_STATS_DELIBERATIONSBYSTATUSENTRY']._serialized_end=2877
-  _globals['_STATS_DELIBERATIONSBYROLEENTRY']._serialized_start=2879
-  _globals['_STATS_DELIBERATIONSBYROLEENTRY']._serialized_end=2937
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2939
-  _globals['_GETSTATUSRESPONSE']._serialized_end=3043
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3046
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3841
+  _globals['_DELIBERATEREQUEST']._serialized_end=310
+  _globals['_DELIBERATERESPONSE']._serialized_start=312
+  _globals['_DELIBERATERESPONSE']._serialized_end=391
+  _globals['_STREAMDELIBERATIONREQUEST']._serialized_start=393
+  _globals['_STREAMDELIBERATIONREQUEST']._serialized_end=484
+  _globals['_STREAMDELIBERATIONRESPONSE']._serialized_start=487
+  _globals['_STREAMDELIBERATIONRESPONSE']._serialized_end=644
+  _globals['_GETDELIBERATIONRESULTREQUEST']._serialized_start=646
+  _globals['_GETDELIBERATIONRESULTREQUEST']._serialized_end=693
+  _globals['_GETDELIBERATIONRESULTRESPONSE']._serialized_start=695
+  _globals['_GETDELIBERATIONRESULTRESPONSE']._serialized_end=785
+  _globals['_COUNCIL']._serialized_start=787
+  _globals['_COUNCIL']._serialized_end=896
+  _globals['_CREATECOUNCILREQUEST']._serialized_start=898
+  _globals['_CREATECOUNCILREQUEST']._serialized_end=954
+  _globals['_CREATECOUNCILRESPONSE']._serialized_start=956
+  _globals['_CREATECOUNCILRESPONSE']._serialized_end=1067
+  _globals['_LISTCOUNCILSREQUEST']._serialized_start=1069
+  _globals['_LISTCOUNCILSREQUEST']._serialized_end=1135
+  _globals['_LISTCOUNCILSRESPONSE']._serialized_start=1137
+  _globals['_LISTCOUNCILSRESPONSE']._serialized_end=1209
+  _globals['_DELETECOUNCILREQUEST']._serialized_start=1211
+  _globals['_DELETECOUNCILREQUEST']._serialized_end=1247
+  _globals['_DELETECOUNCILRESPONSE']._serialized_start=1249
+  _globals['_DELETECOUNCILRESPONSE']._serialized_end=1316
+  _globals['_GETSTATUSREQUEST']._serialized_start=1318
+  _globals['_GETSTATUSREQUEST']._serialized_end=1359
+  _globals['_STATS']._serialized_start=1362
+  _globals['_STATS']._serialized_end=1787
+  _globals['_STATS_DELIBERATIONSBYSTATUSENTRY']._serialized_start=1667
+  _globals['_STATS_DELIBERATIONSBYSTATUSENTRY']._serialized_end=1727
+  _globals['_STATS_DELIBERATIONSBYROLEENTRY']._serialized_start=1729
+  _globals['_STATS_DELIBERATIONSBYROLEENTRY']._serialized_end=1787
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1789
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1893
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1896
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=2691
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DeliberateRequest(_message.Message):
-    __slots__ = ("task_id", "task_description", "role", "constraints", "rounds", "num_agents", "story_id", "phase")
+    __slots__ = ("task_id", "task_description", "role", "constraints", "num_agents", "story_id", "phase")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
-    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     NUM_AGENTS_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -21,53 +20,16 @@ class DeliberateRequest(_message.Message):
     task_description: str
     role: str
     constraints: _deliberation_pb2.Constraints
-    rounds: int
     num_agents: int
     story_id: str
     phase: str
-    def __init__(self, task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., rounds: _Optional[int] = ..., num_agents: _Optional[int] = ..., story_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., num_agents: _Optional[int] = ..., story_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
 
 class DeliberateResponse(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
-    WINNER_ID_FIELD_NUMBER: _ClassVar[int]
-    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-    DELIBERATION_ID_FIELD_NUMBER: _ClassVar[int]
-    ROLE_FIELD_NUMBER: _ClassVar[int]
-    COUNCIL_ID_FIELD_NUMBER: _ClassVar[int]
-    SELECTION_FIELD_NUMBER: _ClassVar[int]
-    CRITIQUES_FIELD_NUMBER: _ClassVar[int]
-    USAGE_FIELD_NUMBER: _ClassVar[int]
-    PHASE_DURATIONS_FIELD_NUMBER: _ClassVar[int]
-    FAILURES_FIELD_NUMBER: _ClassVar[int]
-    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
-    STORY_ID_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
-    task_id: str
-    status: _deliberation_pb2.DeliberationStatus
-    results: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.RankedProposal]
-    winner_id: str
-    duration_ms: int
-    deliberation_id: str
-    role: str
-    council_id: str
-    selection: _deliberation_pb2.Selection
-    critiques: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.Critique]
-    usage: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.TokenUsage]
-    phase_durations: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.PhaseDuration]
-    failures: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.AgentFailure]
-    error_message: str
-    context_version: str
-    total_tokens: int
-    executor: str
-    story_id: str
-    context_note: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _deliberation_pb2.DeliberationResult
+    def __init__(self, result: _Optional[_Union[_deliberation_pb2.DeliberationResult, _Mapping]] = ...) -> None: ...
 
 class StreamDeliberationRequest(_message.Message):
     __slots__ = ("deliberation",)
@@ -90,46 +52,10 @@ class GetDeliberationResultRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class GetDeliberationResultResponse(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note")
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    RESULTS_FIELD_NUMBER: _ClassVar[int]
-    WINNER_ID_FIELD_NUMBER: _ClassVar[int]
-    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-    DELIBERATION_ID_FIELD_NUMBER: _ClassVar[int]
-    ROLE_FIELD_NUMBER: _ClassVar[int]
-    COUNCIL_ID_FIELD_NUMBER: _ClassVar[int]
-    SELECTION_FIELD_NUMBER: _ClassVar[int]
-    CRITIQUES_FIELD_NUMBER: _ClassVar[int]
-    USAGE_FIELD_NUMBER: _ClassVar[int]
-    PHASE_DURATIONS_FIELD_NUMBER: _ClassVar[int]
-    FAILURES_FIELD_NUMBER: _ClassVar[int]
-    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
-    STORY_ID_FIELD_NUMBER: _ClassVar[int]
-    CONTEXT_NOTE_FIELD_NUMBER: _ClassVar[int]
-    task_id: str
-    status: _deliberation_pb2.DeliberationStatus
-    results: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.RankedProposal]
-    winner_id: str
-    duration_ms: int
-    deliberation_id: str
-    role: str
-    council_id: str
-    selection: _deliberation_pb2.Selection
-    critiques: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.Critique]
-    usage: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.TokenUsage]
-    phase_durations: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.PhaseDuration]
-    failures: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.AgentFailure]
-    error_message: str
-    context_version: str
-    total_tokens: int
-    executor: str
-    story_id: str
-    context_note: str
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[_deliberation_pb2.DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[_deliberation_pb2.RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[int] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[_deliberation_pb2.Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[_deliberation_pb2.Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_deliberation_pb2.TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[_deliberation_pb2.PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_deliberation_pb2.AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ...) -> None: ...
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _deliberation_pb2.DeliberationResult
+    def __init__(self, result: _Optional[_Union[_deliberation_pb2.DeliberationResult, _Mapping]] = ...) -> None: ...
 
 class Council(_message.Message):
     __slots__ = ("council_id", "role", "num_agents", "agents")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fleet.deliberation.v1 import deliberation_pb2 as fleet_dot_deliberation_dot_v1_dot_deliberation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/ray_executor/v1/ray_executor.proto\x12\x15\x66leet.ray_executor.v1\x1a(fleet/deliberation/v1/deliberation.proto\"\xab\x03\n\x1a\x45xecuteDeliberationRequest\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x18\n\x10task_description\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x37\n\x0b\x63onstraints\x18\x05 \x01(\x0b\x32\".fleet.deliberation.v1.Constraints\x12,\n\x06\x61gents\x18\x06 \x03(\x0b\x32\x1c.fleet.deliberation.v1.Agent\x12/\n\tarchitect\x18\x07 \x01(\x0b\x32\x1c.fleet.deliberation.v1.Agent\x12\x0e\n\x06rounds\x18\x08 \x01(\x05\x12\x10\n\x08vllm_url\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08story_id\x18\x0b \x01(\t\x12\x0f\n\x07\x63ontext\x18\x0c \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\r \x01(\t\x12\x12\n\ncouncil_id\x18\x0e \x01(\t\x12\"\n\x1a\x63\x61ller_publishes_lifecycle\x18\x0f \x01(\x08\"q\n\x1b\x45xecuteDeliberationResponse\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\"7\n\x1cGetDeliberationStatusRequest\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\"\xc5\x01\n\x1dGetDeliberationStatusResponse\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x39\n\x06result\x18\x03 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResult\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x12\n\x10GetStatusRequest\"\xaf\x01\n\x11GetStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x1b\n\x13\x61verage_duration_ms\x18\x06 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x03\x12\x13\n\x0bray_address\x18\x08 \x01(\t\"\x16\n\x14GetActiveJobsRequest\"v\n\tActiveJob\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x03\x12\x0e\n\x06\x61gents\x18\x06 \x01(\x05\"G\n\x15GetActiveJobsResponse\x12.\n\x04jobs\x18\x01 \x03(\x0b\x32 .fleet.ray_executor.v1.ActiveJob2\xe3\x03\n\x12RayExecutorService\x12|\n\x13\x45xecuteDeliberation\x12\x31.fleet.ray_executor.v1.ExecuteDeliberationRequest\x1a\x32.fleet.ray_executor.v1.ExecuteDeliberationResponse\x12\x82\x01\n\x15GetDeliberationStatus\x12\x33.fleet.ray_executor.v1.GetDeliberationStatusRequest\x1a\x34.fleet.ray_executor.v1.GetDeliberationStatusResponse\x12^\n\tGetStatus\x12\'.fleet.ray_executor.v1.GetStatusRequest\x1a(.fleet.ray_executor.v1.GetStatusResponse\x12j\n\rGetActiveJobs\x12+.fleet.ray_executor.v1.GetActiveJobsRequest\x1a,.fleet.ray_executor.v1.GetActiveJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/ray_executor/v1/ray_executor.proto\x12\x15\x66leet.ray_executor.v1\x1a(fleet/deliberation/v1/deliberation.proto\"\xbc\x03\n\x1a\x45xecuteDeliberationRequest\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x18\n\x10task_description\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x37\n\x0b\x63onstraints\x18\x05 \x01(\x0b\x32\".fleet.deliberation.v1.Constraints\x12,\n\x06\x61gents\x18\x06 \x03(\x0b\x32\x1c.fleet.deliberation.v1.Agent\x12/\n\tarchitect\x18\x07 \x01(\x0b\x32\x1c.fleet.deliberation.v1.Agent\x12\x10\n\x08vllm_url\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x10\n\x08story_id\x18\x0b \x01(\t\x12\x0f\n\x07\x63ontext\x18\x0c \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\r \x01(\t\x12\x12\n\ncouncil_id\x18\x0e \x01(\t\x12\"\n\x1a\x63\x61ller_publishes_lifecycle\x18\x0f \x01(\x08\x12\x11\n\tbase_code\x18\x10 \x01(\tJ\x04\x08\x08\x10\tR\x06rounds\"q\n\x1b\x45xecuteDeliberationResponse\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\"7\n\x1cGetDeliberationStatusRequest\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\"\xc5\x01\n\x1dGetDeliberationStatusResponse\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x39\n\x06result\x18\x03 \x01(\x0b\x32).fleet.deliberation.v1.DeliberationResult\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x12\n\x10GetStatusRequest\"\xaf\x01\n\x11GetStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x1b\n\x13\x61verage_duration_ms\x18\x06 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x03\x12\x13\n\x0bray_address\x18\x08 \x01(\t\"\x16\n\x14GetActiveJobsRequest\"v\n\tActiveJob\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x12\n\nstarted_at\x18\x05 \x01(\x03\x12\x0e\n\x06\x61gents\x18\x06 \x01(\x05\"G\n\x15GetActiveJobsResponse\x12.\n\x04jobs\x18\x01 \x03(\x0b\x32 .fleet.ray_executor.v1.ActiveJob2\xe3\x03\n\x12RayExecutorService\x12|\n\x13\x45xecuteDeliberation\x12\x31.fleet.ray_executor.v1.ExecuteDeliberationRequest\x1a\x32.fleet.ray_executor.v1.ExecuteDeliberationResponse\x12\x82\x01\n\x15GetDeliberationStatus\x12\x33.fleet.ray_executor.v1.GetDeliberationStatusRequest\x1a\x34.fleet.ray_executor.v1.GetDeliberationStatusResponse\x12^\n\tGetStatus\x12\'.fleet.ray_executor.v1.GetStatusRequest\x1a(.fleet.ray_executor.v1.GetStatusResponse\x12j\n\rGetActiveJobs\x12+.fleet.ray_executor.v1.GetActiveJobsRequest\x1a,.fleet.ray_executor.v1.GetActiveJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleet.ray_executor.v1.ray_e
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECUTEDELIBERATIONREQUEST']._serialized_start=110
-  _globals['_EXECUTEDELIBERATIONREQUEST']._serialized_end=537
-  _globals['_EXECUTEDELIBERATIONRESPONSE']._serialized_start=539
-  _globals['_EXECUTEDELIBERATIONRESPONSE']._serialized_end=652
-  _globals['_GETDELIBERATIONSTATUSREQUEST']._serialized_start=654
-  _globals['_GETDELIBERATIONSTATUSREQUEST']._serialized_end=709
-  _globals['_GETDELIBERATIONSTATUSRESPONSE']._serialized_start=712
-  _globals['_GETDELIBERATIONSTATUSRESPONSE']._serialized_end=909
-  _globals['_GETSTATUSREQUEST']._serialized_start=911
-  _globals['_GETSTATUSREQUEST']._serialized_end=929
-  _globals['_GETSTATUSRESPONSE']._serialized_start=932
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1107
-  _globals['_GETACTIVEJOBSREQUEST']._serialized_start=1109
-  _globals['_GETACTIVEJOBSREQUEST']._serialized_end=1131
-  _globals['_ACTIVEJOB']._serialized_start=1133
-  _globals['_ACTIVEJOB']._serialized_end=1251
-  _globals['_GETACTIVEJOBSRESPONSE']._serialized_start=1253
-  _globals['_GETACTIVEJOBSRESPONSE']._serialized_end=1324
-  _globals['_RAYEXECUTORSERVICE']._serialized_start=1327
-  _globals['_RAYEXECUTORSERVICE']._serialized_end=1810
+  _globals['_EXECUTEDELIBERATIONREQUEST']._serialized_end=554
+  _globals['_EXECUTEDELIBERATIONRESPONSE']._serialized_start=556
+  _globals['_EXECUTEDELIBERATIONRESPONSE']._serialized_end=669
+  _globals['_GETDELIBERATIONSTATUSREQUEST']._serialized_start=671
+  _globals['_GETDELIBERATIONSTATUSREQUEST']._serialized_end=726
+  _globals['_GETDELIBERATIONSTATUSRESPONSE']._serialized_start=729
+  _globals['_GETDELIBERATIONSTATUSRESPONSE']._serialized_end=926
+  _globals['_GETSTATUSREQUEST']._serialized_start=928
+  _globals['_GETSTATUSREQUEST']._serialized_end=946
+  _globals['_GETSTATUSRESPONSE']._serialized_start=949
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1124
+  _globals['_GETACTIVEJOBSREQUEST']._serialized_start=1126
+  _globals['_GETACTIVEJOBSREQUEST']._serialized_end=1148
+  _globals['_ACTIVEJOB']._serialized_start=1150
+  _globals['_ACTIVEJOB']._serialized_end=1268
+  _globals['_GETACTIVEJOBSRESPONSE']._serialized_start=1270
+  _globals['_GETACTIVEJOBSRESPONSE']._serialized_end=1341
+  _globals['_RAYEXECUTORSERVICE']._serialized_start=1344
+  _globals['_RAYEXECUTORSERVICE']._serialized_end=1827
 # @@protoc_insertion_point(module_scope)

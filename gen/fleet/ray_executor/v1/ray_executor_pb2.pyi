@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExecuteDeliberationRequest(_message.Message):
-    __slots__ = ("deliberation_id", "task_id", "task_description", "role", "constraints", "agents", "architect", "rounds", "vllm_url", "model", "story_id", "context", "context_version", "council_id", "caller_publishes_lifecycle")
+    __slots__ = ("deliberation_id", "task_id", "task_description", "role", "constraints", "agents", "architect", "vllm_url", "model", "story_id", "context", "context_version", "council_id", "caller_publishes_lifecycle", "base_code")
     DELIBERATION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -16,7 +16,6 @@ class ExecuteDeliberationRequest(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECT_FIELD_NUMBER: _ClassVar[int]
-    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     VLLM_URL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +23,7 @@ class ExecuteDeliberationRequest(_message.Message):
     CONTEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNCIL_ID_FIELD_NUMBER: _ClassVar[int]
     CALLER_PUBLISHES_LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    BASE_CODE_FIELD_NUMBER: _ClassVar[int]
     deliberation_id: str
     task_id: str
     task_description: str
@@ -31,7 +31,6 @@ class ExecuteDeliberationRequest(_message.Message):
     constraints: _deliberation_pb2.Constraints
     agents: _containers.RepeatedCompositeFieldContainer[_deliberation_pb2.Agent]
     architect: _deliberation_pb2.Agent
-    rounds: int
     vllm_url: str
     model: str
     story_id: str
@@ -39,7 +38,8 @@ class ExecuteDeliberationRequest(_message.Message):
     context_version: str
     council_id: str
     caller_publishes_lifecycle: bool
-    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[_deliberation_pb2.Agent, _Mapping]]] = ..., architect: _Optional[_Union[_deliberation_pb2.Agent, _Mapping]] = ..., rounds: _Optional[int] = ..., vllm_url: _Optional[str] = ..., model: _Optional[str] = ..., story_id: _Optional[str] = ..., context: _Optional[str] = ..., context_version: _Optional[str] = ..., council_id: _Optional[str] = ..., caller_publishes_lifecycle: _Optional[bool] = ...) -> None: ...
+    base_code: str
+    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., agents: _Optional[_Iterable[_Union[_deliberation_pb2.Agent, _Mapping]]] = ..., architect: _Optional[_Union[_deliberation_pb2.Agent, _Mapping]] = ..., vllm_url: _Optional[str] = ..., model: _Optional[str] = ..., story_id: _Optional[str] = ..., context: _Optional[str] = ..., context_version: _Optional[str] = ..., council_id: _Optional[str] = ..., caller_publishes_lifecycle: _Optional[bool] = ..., base_code: _Optional[str] = ...) -> None: ...
 
 class ExecuteDeliberationResponse(_message.Message):
     __slots__ = ("deliberation_id", "status")
