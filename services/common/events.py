@@ -14,53 +14,53 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import StrEnum, nonmember
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.common.errors import InvalidArgument
 from services.common.execution import test_source_problem
 
 # --- vocabulary ------------------------------------------------------------------------------------------
 
 
-class Role(StrEnum):
+E = TypeVar("E", bound="Vocabulary")
+
+
+class Vocabulary(StrEnum):
+    """A closed set of upper-case names read from outside (gRPC, events, the CLI): `parse` is the one reader."""
+
+    FIELD = nonmember("value")  # the field InvalidArgument names by default (each vocabulary names its own)
+
+    @classmethod
+    def parse(cls: type[E], value: str, field: str | None = None) -> E:
+        """The member named by `value` (case-insensitive), or InvalidArgument naming `field`."""
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            raise InvalidArgument(field or cls.FIELD, f"must be one of {', '.join(cls)}, got {value!r}") from None
+
+
+class Role(Vocabulary):
     """The five council roles. One spelling everywhere: events, gRPC, settings, the UI."""
 
+    FIELD = nonmember("role")
     DEV = "DEV"
     QA = "QA"
     ARCHITECT = "ARCHITECT"
     DEVOPS = "DEVOPS"
     DATA = "DATA"
 
-    @classmethod
-    def parse(cls, value: str, field: str = "role") -> Role:
-        """The role named by `value` (case-insensitive), or InvalidArgument naming `field`."""
-        from services.common.errors import InvalidArgument
 
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
-
-
-class StoryPhase(StrEnum):
+class StoryPhase(Vocabulary):
     """The phases of a story, which scope the context an agent gets. One spelling: gRPC, the graph, the prompts."""
 
+    FIELD = nonmember("phase")
     DESIGN = "DESIGN"
     BUILD = "BUILD"
     TEST = "TEST"
     DOCS = "DOCS"
-
-    @classmethod
-    def parse(cls, value: str, field: str = "phase") -> StoryPhase:
-        """The phase named by `value` (case-insensitive), or InvalidArgument naming `field`."""
-        from services.common.errors import InvalidArgument
-
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
 
 
 class DeliberationStatus(StrEnum):
@@ -69,6 +69,14 @@ class DeliberationStatus(StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     TIMEOUT = "TIMEOUT"
+
+    @property
+    def ended(self) -> bool:
+        """COMPLETED, FAILED or TIMEOUT: nothing more will happen to it."""
+        return self in ENDED
+
+
+ENDED = frozenset({DeliberationStatus.COMPLETED, DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT})
 
 
 # Ids travel inside NATS subjects (token streams) and Valkey keys: no dots, spaces or wildcards.

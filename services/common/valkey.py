@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
 import valkey.asyncio as valkey_async
 from valkey.exceptions import ConnectionError as ValkeyConnectionError
@@ -10,7 +13,23 @@ from valkey.exceptions import TimeoutError as ValkeyTimeoutError
 
 from services.common.errors import Unavailable
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 VALKEY_ERRORS = (ValkeyConnectionError, ValkeyTimeoutError, OSError)
+
+
+def unavailable_on_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A store method whose Valkey trouble (connection, timeout) surfaces as `Unavailable` (UNAVAILABLE / 503)."""
+
+    @wraps(fn)
+    async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except VALKEY_ERRORS as e:
+            raise Unavailable(f"Valkey unreachable: {e}") from e
+
+    return inner
 
 
 def connect_valkey(url: str) -> valkey_async.Valkey:

@@ -20,43 +20,31 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import StrEnum, nonmember
 from functools import lru_cache
 from typing import Protocol
 
 from services.common.errors import InvalidArgument
-from services.common.events import ID_PATTERN, Role, StoryPhase
+from services.common.events import ID_PATTERN, Role, StoryPhase, Vocabulary
 
 # --- vocabulary --------------------------------------------------------------------------------------------
 
 
-class DecisionStatus(StrEnum):
+class DecisionStatus(Vocabulary):
+    FIELD = nonmember("status")
     PROPOSED = "PROPOSED"
     ACCEPTED = "ACCEPTED"
     REJECTED = "REJECTED"
     SUPERSEDED = "SUPERSEDED"
 
-    @classmethod
-    def parse(cls, value: str, field: str = "status") -> DecisionStatus:
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
 
-
-class TaskStatus(StrEnum):
+class TaskStatus(Vocabulary):
+    FIELD = nonmember("status")
     PLANNED = "PLANNED"
     IN_PROGRESS = "IN_PROGRESS"
     DECIDED = "DECIDED"  # a council chose a proposal for it
     BLOCKED = "BLOCKED"
     DONE = "DONE"
-
-    @classmethod
-    def parse(cls, value: str, field: str = "status") -> TaskStatus:
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise InvalidArgument(field, f"must be one of {', '.join(cls)}, got {value!r}") from None
 
 
 _ID = re.compile(ID_PATTERN)

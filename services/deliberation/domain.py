@@ -208,7 +208,7 @@ class TaskConstraints:
     """Bounds of one deliberation. `token_budget` 0 = unlimited; `max_tokens` bounds each LLM call;
     `rounds` of peer review (0 = none); the architect chooses among the `top_k` best-scored proposals.
     `tests`: the task's visible acceptance tests (one pytest file that imports from `solution`), run against
-    every proposal's code in the sandbox. An empty rubric is replaced by the role's default rubric when the Task
+    every proposal's code in the sandbox unless `execute` is off. An empty rubric is replaced by the role's default rubric when the Task
     is built."""
 
     rubric: tuple[Criterion, ...] = ()
@@ -219,6 +219,7 @@ class TaskConstraints:
     rounds: int = 1
     top_k: int = 3
     tests: str = ""
+    execute: bool = True  # run the proposals' code in the sandbox (False: the ablation without execution)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rubric", tuple(self.rubric))
@@ -528,6 +529,8 @@ def verification(
         what = "; ".join(f"{c.name}: {c.findings[0].message if c.findings else c.detail}" for c in blocking)
         return False, f"the winner failed {what}" + (f" ({others})" if others else "")
     executed = [c for c in winner.checks if c.name.startswith("tests.") and c.applicable]
+    if task.is_code_task and not task.constraints.execute:
+        return False, "execution was off for this task: no test ran against the winner"
     if task.is_code_task and not executed:
         return False, "no test was executed against the winner (the task has none and the proposal wrote none)"
     gates = sorted(c.name for c in winner.checks if c.gating and c.applicable)
@@ -573,6 +576,7 @@ class DeliberationResult:
     verified: bool = False  # the winner passed every gating check (`verification`)
     verified_reason: str = ""
     notes: tuple[str, ...] = ()  # what went less than well without failing the deliberation
+    interrupted: bool = False  # FAILED because its runner went away mid-deliberation (a plan's redelivery reruns it)
 
     @classmethod
     def pending(cls, deliberation_id: str, task: Task, council_id: str, executor: str = "") -> DeliberationResult:

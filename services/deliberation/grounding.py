@@ -180,6 +180,12 @@ class ProposalChecker:
         return (check_deliverable(task, content), *found, *executed)
 
     async def _executed(self, task: Task, content: str) -> tuple[CheckResult, ...]:
+        if not task.constraints.execute:
+            off = "execution is off for this task: the code was not run"
+            return (
+                CheckResult("tests.task", True, False, detail=off),
+                CheckResult("tests.own", True, False, detail=off),
+            )
         program = program_of(content, task.base_code)
         tests = task.constraints.tests
         what_own = "the proposal's own tests" + (" against the code it builds on" if program.from_base else "")

@@ -83,6 +83,7 @@ def constraints_from_proto(c: dpb.Constraints, role: Role, field: str = "constra
             rounds=c.rounds if c.HasField("rounds") else defaults.rounds,
             top_k=c.top_k or defaults.top_k,
             tests=c.tests,
+            execute=c.execute if c.HasField("execute") else defaults.execute,
         )
     except InvalidArgument as e:  # the domain names "constraints.<name>": keep the caller's path
         raise InvalidArgument(e.field.replace("constraints", field, 1), e.description) from None
@@ -98,6 +99,7 @@ def constraints_to_proto(c: TaskConstraints) -> dpb.Constraints:
         top_k=c.top_k,
         rounds=c.rounds,
         tests=c.tests,
+        execute=c.execute,
     )
 
 

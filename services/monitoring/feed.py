@@ -266,7 +266,6 @@ class DeliberationSummary(BaseModel):
     updated_at: datetime
 
 
-TERMINAL = {ev.DeliberationStatus.COMPLETED, ev.DeliberationStatus.FAILED, ev.DeliberationStatus.TIMEOUT}
 MAX_AGENTS_LISTED = 32
 
 
@@ -317,7 +316,7 @@ class DeliberationIndex:
             case ev.DeliberationStarted():
                 s.num_agents = p.num_agents
                 s.started_at = time
-                if s.status not in TERMINAL:
+                if s.status not in ev.ENDED:
                     s.status = ev.DeliberationStatus.IN_PROGRESS
             case ev.DeliberationCompleted():
                 s.status = ev.DeliberationStatus.COMPLETED

@@ -30,7 +30,6 @@ from services.deliberation.domain import (
     make_council,
 )
 from services.deliberation.grounding import program_of
-from services.orchestrator.adapters.valkey import TERMINAL
 
 log = logging.getLogger("fleet.orchestrator")
 
@@ -293,7 +292,7 @@ class Orchestrator:
             if await self.store.lease_holder(deliberation_id):
                 continue
             record = await self.store.get(deliberation_id)
-            if record is None or record.status in TERMINAL:
+            if record is None or record.status.ended:
                 continue
             await self.store.save(
                 replace(
@@ -301,6 +300,7 @@ class Orchestrator:
                     status=DeliberationStatus.FAILED,
                     error_message="orchestrator stopped during the deliberation (lease expired)",
                     finished_at=datetime.now(UTC),
+                    interrupted=True,
                 )
             )
             failed.append(deliberation_id)
@@ -354,7 +354,7 @@ class Orchestrator:
         annotate: Callable[[DeliberationResult], Awaitable[DeliberationResult]] | None = None,
     ) -> DeliberationResult:
         existing = await self.store.get(deliberation_id)
-        if existing is not None and (existing.status in TERMINAL and not _interrupted(existing)):
+        if existing is not None and (existing.status.ended and not _interrupted(existing)):
             log.info("approval already handled for %s (%s): %s", task.task_id, task.role, existing.status)
             return existing
         if existing is not None and await self.store.lease_holder(deliberation_id):
@@ -370,7 +370,7 @@ class Orchestrator:
         self, task: Task, deliberation_id: str, plan_id: str, cid: str, blocked: list[DeliberationResult]
     ) -> DeliberationResult:
         existing = await self.store.get(deliberation_id)
-        if existing is not None and existing.status in TERMINAL:
+        if existing is not None and existing.status.ended:
             return existing
         why = "; ".join(
             f"{d.task_id} ended {d.status}" + (f" ({d.error_message})" if d.error_message else "") for d in blocked
@@ -437,7 +437,7 @@ async def _ignore(_: ProgressEvent) -> None:
 
 
 def _interrupted(result: DeliberationResult) -> bool:
-    return result.status == DeliberationStatus.FAILED and "orchestrator stopped" in result.error_message
+    return result.status == DeliberationStatus.FAILED and result.interrupted
 
 
 def _stable_id(*parts: str) -> str:

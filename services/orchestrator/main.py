@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -14,11 +11,10 @@ from fleet.orchestrator.v1 import orchestrator_pb2_grpc
 from services.common import events as ev
 from services.common.bus import EventBus
 from services.common.grpc_server import GrpcServer
+from services.common.lifecycle import serve
 from services.common.llm import VLLMClient
-from services.common.logging import configure_logging, correlation_id
-from services.common.metrics import start_metrics_server
+from services.common.logging import correlation_id
 from services.common.sandbox import SandboxClient
-from services.common.settings import load_settings
 from services.common.valkey import SeenSet, connect_valkey, ping
 from services.deliberation.engine import DeliberationEngine, InProcessExecutor, ObservedExecutor
 from services.deliberation.grounding import ProposalChecker
@@ -125,28 +121,12 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
     return RunningOrchestrator(app, server, bus, llm, consumer, valkey, sandbox)
 
 
-async def _serve(settings: OrchestratorSettings) -> None:
-    running = await start(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "orchestrator ready on :%d (executor %s, vLLM %s, context %s, sandbox %s)",
-        running.port,
-        running.app.runner.name,
-        settings.vllm_url,
-        settings.context_address or "none",
-        settings.sandbox_address or "none: proposals' code is not executed, nothing is verified",
-    )
-    await stop.wait()
-    log.info("shutting down")
-    with contextlib.suppress(Exception):
-        await running.stop()
-
-
 def run() -> None:
-    settings = load_settings(OrchestratorSettings)
-    configure_logging("orchestrator", settings.log_level, settings.log_format)
-    start_metrics_server(settings.metrics_port)
-    asyncio.run(_serve(settings))
+    def ready(settings: OrchestratorSettings, running: RunningOrchestrator) -> str:
+        sandbox = settings.sandbox_address or "none: proposals' code is not executed, nothing is verified"
+        return (
+            f"orchestrator ready on :{running.port} (executor {running.app.runner.name}, vLLM {settings.vllm_url}, "
+            f"context {settings.context_address or 'none'}, sandbox {sandbox})"
+        )
+
+    serve("orchestrator", OrchestratorSettings, start, ready)

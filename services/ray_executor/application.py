@@ -35,7 +35,6 @@ from services.deliberation.engine import AgentCall, CallOutcome, Checker, Delibe
 log = logging.getLogger("fleet.ray_executor")
 
 EXECUTOR_NAME = "ray"
-TERMINAL = frozenset({DeliberationStatus.COMPLETED, DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT})
 
 DELIBERATIONS = Counter("fleet_ray_deliberations_total", "Deliberations run by the ray-executor", ["status"])
 DELIBERATION_SECONDS = Histogram(
@@ -148,7 +147,7 @@ class RayExecutorService:
         return job
 
     def active(self) -> list[Job]:
-        return [j for j in self.jobs.values() if j.status not in TERMINAL]
+        return [j for j in self.jobs.values() if not j.status.ended]
 
     def stats(self) -> Stats:
         finished = self._counts[DeliberationStatus.COMPLETED] + self._failed()

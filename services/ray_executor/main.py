@@ -8,9 +8,7 @@ empty starts a local Ray in this process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 
 from fleet.ray_executor.v1 import ray_executor_pb2_grpc
@@ -18,10 +16,8 @@ from services.common import events as ev
 from services.common.bus import EventBus
 from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer
-from services.common.logging import configure_logging
-from services.common.metrics import start_metrics_server
+from services.common.lifecycle import serve
 from services.common.sandbox import SandboxClient
-from services.common.settings import load_settings
 from services.deliberation.grounding import ProposalChecker
 from services.ray_executor.adapters.grpc_api import RayExecutorServicer
 from services.ray_executor.application import DeliberationRequest, RayExecutorService
@@ -130,29 +126,12 @@ async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> Runn
     return RunningRayExecutor(app, server, bus, ray, pool)
 
 
-async def _serve(settings: RayExecutorSettings) -> None:
-    running = await start(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "ray-executor ready on :%d (Ray %s, %d agent workers x %g CPU, vLLM %s, sandbox %s)",
-        running.port,
-        running.ray.address,
-        settings.ray_agent_workers,
-        settings.ray_num_cpus_per_worker,
-        settings.vllm_url,
-        settings.sandbox_address or "none: proposals' code is not executed, nothing is verified",
-    )
-    await stop.wait()
-    log.info("shutting down")
-    with contextlib.suppress(Exception):
-        await running.stop()
-
-
 def run() -> None:
-    settings = load_settings(RayExecutorSettings)
-    configure_logging("ray-executor", settings.log_level, settings.log_format)
-    start_metrics_server(settings.metrics_port)
-    asyncio.run(_serve(settings))
+    def ready(settings: RayExecutorSettings, running: RunningRayExecutor) -> str:
+        sandbox = settings.sandbox_address or "none: proposals' code is not executed, nothing is verified"
+        return (
+            f"ray-executor ready on :{running.port} (Ray {running.ray.address}, {settings.ray_agent_workers} agent "
+            f"workers x {settings.ray_num_cpus_per_worker:g} CPU, vLLM {settings.vllm_url}, sandbox {sandbox})"
+        )
+
+    serve("ray-executor", RayExecutorSettings, start, ready)

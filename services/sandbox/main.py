@@ -10,22 +10,17 @@ isolation than it was configured for.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 
 from fleet.sandbox.v1 import sandbox_pb2_grpc
 from services.common.errors import FailedPrecondition
 from services.common.grpc_server import GrpcServer
-from services.common.logging import configure_logging
-from services.common.metrics import start_metrics_server
+from services.common.lifecycle import serve
 from services.common.sandbox import SERVICE_NAME
-from services.common.settings import load_settings
 from services.sandbox.adapters.bwrap import INSIDE, SandboxRunner, find_bwrap
 from services.sandbox.adapters.grpc_api import SandboxServicer
 from services.sandbox.application import PROBE, SandboxService
@@ -138,27 +133,11 @@ async def start(settings: SandboxSettings, *, host: str = "0.0.0.0") -> RunningS
     return RunningSandbox(app, server, runner)
 
 
-async def _serve(settings: SandboxSettings) -> None:
-    running = await start(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "sandbox ready on :%d (%s, %d slots, queue %d)",
-        running.port,
-        running.runner.isolation,
-        settings.sandbox_concurrency,
-        settings.sandbox_queue,
-    )
-    await stop.wait()
-    log.info("shutting down")
-    with contextlib.suppress(Exception):
-        await running.stop()
-
-
 def run() -> None:
-    settings = load_settings(SandboxSettings)
-    configure_logging("sandbox", settings.log_level, settings.log_format)
-    start_metrics_server(settings.metrics_port)
-    asyncio.run(_serve(settings))
+    def ready(settings: SandboxSettings, running: RunningSandbox) -> str:
+        return (
+            f"sandbox ready on :{running.port} ({running.runner.isolation}, {settings.sandbox_concurrency} slots, "
+            f"queue {settings.sandbox_queue})"
+        )
+
+    serve("sandbox", SandboxSettings, start, ready)

@@ -42,6 +42,7 @@ class Events:
         for stream in (ev.Streams.ORCHESTRATOR_EVENTS, ev.Streams.AGENT_RESPONSES, ev.Streams.CONTEXT):
             for subject in ev.STREAMS[stream].subjects:
                 await self.nc.subscribe(subject, cb=self._on)
+        await self.nc.flush()  # subscribed at the server before the test publishes anything
         return self
 
     async def _on(self, msg) -> None:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from functools import wraps
 
 import valkey.asyncio as valkey_async
 
-from services.common.errors import Unavailable
-from services.common.valkey import VALKEY_ERRORS
+from services.common.valkey import unavailable_on_errors
 from services.context.domain import Milestone, RenderedContext, Summary
 
 PREFIX = "fleet:ctx"
@@ -37,17 +35,6 @@ return 0
 """
 
 
-def _wrap(fn):
-    @wraps(fn)
-    async def inner(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except VALKEY_ERRORS as e:
-            raise Unavailable(f"Valkey unreachable: {e}") from e
-
-    return inner
-
-
 def _key(story_id: str, what: str) -> str:
     return f"{PREFIX}:{{{story_id}}}:{what}"
 
@@ -59,19 +46,19 @@ class ContextState:
 
     # --- timeline and summary --------------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def put_milestone(self, story_id: str, milestone: Milestone) -> None:
         await self.r.hset(_key(story_id, "milestones"), milestone.milestone_id, json.dumps(asdict(milestone)))
 
-    @_wrap
+    @unavailable_on_errors
     async def delete_milestone(self, story_id: str, milestone_id: str) -> bool:
         return bool(await self.r.hdel(_key(story_id, "milestones"), milestone_id))
 
-    @_wrap
+    @unavailable_on_errors
     async def set_summary(self, story_id: str, summary: Summary) -> bool:
         return bool(await self.r.eval(_SET_SUMMARY, 1, _key(story_id, "summary"), summary.at, summary.text))
 
-    @_wrap
+    @unavailable_on_errors
     async def timeline(self, story_id: str) -> tuple[list[Milestone], Summary | None]:
         async with self.r.pipeline(transaction=False) as p:
             p.hgetall(_key(story_id, "milestones"))
@@ -83,7 +70,7 @@ class ContextState:
 
     # --- rendered-context cache ----------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def cached(self, story_id: str, field: str) -> tuple[RenderedContext | None, int]:
         """(the cached context or None, the current generation to store a fresh one under)."""
         async with self.r.pipeline(transaction=False) as p:
@@ -97,7 +84,7 @@ class ContextState:
                 return RenderedContext.from_json(doc["ctx"]), gen
         return None, gen
 
-    @_wrap
+    @unavailable_on_errors
     async def store(self, story_id: str, field: str, gen: int, ctx: RenderedContext) -> None:
         key = _key(story_id, "cache")
         async with self.r.pipeline(transaction=True) as p:
@@ -105,7 +92,7 @@ class ContextState:
             p.expire(key, self.ttl)
             await p.execute()
 
-    @_wrap
+    @unavailable_on_errors
     async def invalidate(self, story_id: str) -> int:
         """Make every cached context of the story stale; returns the new generation."""
         async with self.r.pipeline(transaction=True) as p:
@@ -116,10 +103,10 @@ class ContextState:
 
     # --- announced version ----------------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def announced_version(self, story_id: str) -> str:
         return await self.r.get(_key(story_id, "version")) or ""
 
-    @_wrap
+    @unavailable_on_errors
     async def set_announced_version(self, story_id: str, version: str) -> None:
         await self.r.set(_key(story_id, "version"), version)

@@ -25,7 +25,6 @@ from typing import Any
 
 import grpc
 
-from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.ray_executor.v1 import ray_executor_pb2 as pb
 from fleet.ray_executor.v1 import ray_executor_pb2_grpc
 from services.common import events as ev
@@ -40,7 +39,6 @@ from services.deliberation.proto import agent_to_proto, constraints_to_proto, re
 log = logging.getLogger("fleet.orchestrator.ray")
 
 AGENT_RESPONSES = ev.STREAMS[ev.Streams.AGENT_RESPONSES].subjects[0]  # every agent.response.* subject
-TERMINAL = {dpb.DELIBERATION_STATUS_COMPLETED, dpb.DELIBERATION_STATUS_FAILED, dpb.DELIBERATION_STATUS_TIMEOUT}
 
 
 class RayExecutorRunner:
@@ -116,8 +114,8 @@ class RayExecutorRunner:
         while time.monotonic() < give_up:
             try:
                 reply = await stub.GetDeliberationStatus(status_request, timeout=self.rpc_timeout, metadata=metadata)
-                if reply.status in TERMINAL:
-                    return result_from_proto(reply.result)
+                if reply.HasField("result") and (result := result_from_proto(reply.result)).status.ended:
+                    return result
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     return self._failed(task, council, deliberation_id, f"the ray-executor lost it: {e.details()}")

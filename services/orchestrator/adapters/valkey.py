@@ -16,23 +16,11 @@ from dataclasses import asdict
 
 import valkey.asyncio as valkey_async
 
-from services.common.errors import Unavailable
 from services.common.events import DeliberationStatus, Role
-from services.common.valkey import VALKEY_ERRORS
+from services.common.valkey import unavailable_on_errors
 from services.deliberation.domain import AgentSpec, Council, DeliberationResult
 
 PREFIX = "fleet:orch"
-TERMINAL = {DeliberationStatus.COMPLETED, DeliberationStatus.FAILED, DeliberationStatus.TIMEOUT}
-
-
-def _wrap(fn):
-    async def inner(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except VALKEY_ERRORS as e:
-            raise Unavailable(f"Valkey unreachable: {e}") from e
-
-    return inner
 
 
 class ValkeyStore:
@@ -41,22 +29,22 @@ class ValkeyStore:
 
     # --- councils ------------------------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def add_council(self, council: Council) -> bool:
         """Store a council; False when the role already has one."""
         return bool(await self.r.hsetnx(f"{PREFIX}:councils", council.role, json.dumps(asdict(council))))
 
-    @_wrap
+    @unavailable_on_errors
     async def councils(self) -> list[Council]:
         raw = await self.r.hgetall(f"{PREFIX}:councils")
         return sorted((_council(v) for v in raw.values()), key=lambda c: list(Role).index(c.role))
 
-    @_wrap
+    @unavailable_on_errors
     async def council(self, role: Role) -> Council | None:
         raw = await self.r.hget(f"{PREFIX}:councils", role)
         return _council(raw) if raw else None
 
-    @_wrap
+    @unavailable_on_errors
     async def delete_council(self, role: Role) -> Council | None:
         raw = await self.r.hget(f"{PREFIX}:councils", role)
         if raw is None or not await self.r.hdel(f"{PREFIX}:councils", role):
@@ -65,19 +53,19 @@ class ValkeyStore:
 
     # --- deliberations ---------------------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def save(self, result: DeliberationResult) -> None:
         """Store a deliberation record (any status); terminal ones update the stats exactly once."""
         key = f"{PREFIX}:delib:{result.deliberation_id}"
         async with self.r.pipeline(transaction=True) as p:
             p.set(key, json.dumps(result.to_dict()))
             p.set(f"{PREFIX}:task:{result.task_id}", result.deliberation_id)
-            if result.status in TERMINAL:
+            if result.status.ended:
                 p.srem(f"{PREFIX}:running", result.deliberation_id)
             else:
                 p.sadd(f"{PREFIX}:running", result.deliberation_id)
             await p.execute()
-        if result.status in TERMINAL and await self.r.set(f"{key}:counted", "1", nx=True):
+        if result.status.ended and await self.r.set(f"{key}:counted", "1", nx=True):
             async with self.r.pipeline(transaction=True) as p:
                 p.hincrby(f"{PREFIX}:stats:status", result.status, 1)
                 p.hincrby(f"{PREFIX}:stats:role", result.role, 1)
@@ -85,41 +73,41 @@ class ValkeyStore:
                 p.hincrby(f"{PREFIX}:stats:duration", "count", 1)
                 await p.execute()
 
-    @_wrap
+    @unavailable_on_errors
     async def get(self, deliberation_id: str) -> DeliberationResult | None:
         raw = await self.r.get(f"{PREFIX}:delib:{deliberation_id}")
         return DeliberationResult.from_dict(json.loads(raw)) if raw else None
 
-    @_wrap
+    @unavailable_on_errors
     async def latest_for_task(self, task_id: str) -> DeliberationResult | None:
         deliberation_id = await self.r.get(f"{PREFIX}:task:{task_id}")
         return await self.get(deliberation_id) if deliberation_id else None
 
-    @_wrap
+    @unavailable_on_errors
     async def running(self) -> list[str]:
         return sorted(await self.r.smembers(f"{PREFIX}:running"))
 
     # --- leases: which process runs a deliberation ------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def take_lease(self, deliberation_id: str, owner: str, seconds: float) -> bool:
         return bool(await self.r.set(f"{PREFIX}:lease:{deliberation_id}", owner, nx=True, px=int(seconds * 1000)))
 
-    @_wrap
+    @unavailable_on_errors
     async def renew_lease(self, deliberation_id: str, seconds: float) -> None:
         await self.r.pexpire(f"{PREFIX}:lease:{deliberation_id}", int(seconds * 1000))
 
-    @_wrap
+    @unavailable_on_errors
     async def drop_lease(self, deliberation_id: str) -> None:
         await self.r.delete(f"{PREFIX}:lease:{deliberation_id}")
 
-    @_wrap
+    @unavailable_on_errors
     async def lease_holder(self, deliberation_id: str) -> str | None:
         return await self.r.get(f"{PREFIX}:lease:{deliberation_id}")
 
     # --- stats -------------------------------------------------------------------------------------------------
 
-    @_wrap
+    @unavailable_on_errors
     async def stats(self) -> tuple[dict[str, int], dict[str, int], float, int]:
         """(by status, by role, average duration ms, in flight)."""
         by_status = {k: int(v) for k, v in (await self.r.hgetall(f"{PREFIX}:stats:status")).items()}

@@ -93,6 +93,7 @@ async def test_deliberate_returns_ranked_proposals_with_a_winner(stub, bus):
         seen.append(msg.subject)
 
     sub = await bus.nc.subscribe("orchestration.>", cb=record)
+    await bus.nc.flush()  # subscribed at the server before the deliberation publishes
     reply = (await stub.Deliberate(deliberate_request())).result
     await sub.unsubscribe()
     assert reply.status == COMPLETED, reply.error_message

@@ -93,6 +93,7 @@ class Recorder:
 
         for s in subjects:
             self.subs.append(await bus.nc.subscribe(s, cb=seen))
+        await bus.nc.flush()  # the server has the subscriptions before anything the test starts publishes
         return self
 
     def of(self, event_type: str, deliberation_id: str) -> list[Any]:

@@ -271,3 +271,11 @@ def test_which_block_is_code_and_which_is_tests(content, code, own, aliases):
     assert (code in program.code) if code else not program.code
     assert (own in program.own_tests) if own else not program.own_tests
     assert program.aliases == aliases
+
+
+async def test_execution_can_be_turned_off_and_then_nothing_is_verified():
+    sandbox = ScriptedSandbox()
+    result = await deliberate(ScriptedLLM(), make_task(tests=TASK_TESTS, execute=False), sandbox=sandbox)
+    assert result.status == DeliberationStatus.COMPLETED and not sandbox.executions
+    assert not result.verified and result.verified_reason.startswith("execution was off for this task")
+    assert not check(result, result.winner_id, "tests.task").applicable

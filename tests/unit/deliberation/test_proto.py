@@ -64,8 +64,9 @@ def test_constraints_zero_means_default_but_optional_zero_is_taken():
         defaults.token_budget,
         defaults.timeout_seconds,
     )
-    zero = constraints_from_proto(dpb.Constraints(rounds=0, token_budget=0), Role.DEV)
-    assert (zero.rounds, zero.token_budget) == (0, 0)  # no peer review; an unlimited budget
+    zero = constraints_from_proto(dpb.Constraints(rounds=0, token_budget=0, execute=False), Role.DEV)
+    assert (zero.rounds, zero.token_budget, zero.execute) == (0, 0, False)  # no review, no limit, no execution
+    assert unset.execute is True
     full = filled(TaskConstraints)
     full = dataclasses.replace(full, tests="def test_x():\n    assert True\n", top_k=3, rounds=2, max_tokens=100)
     assert constraints_from_proto(constraints_to_proto(full), Role.DEV) == full

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/deliberation/v1/deliberation.proto\x12\x15\x66leet.deliberation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\tCriterion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xec\x01\n\x0b\x43onstraints\x12\x30\n\x06rubric\x18\x01 \x03(\x0b\x32 .fleet.deliberation.v1.Criterion\x12\x14\n\x0crequirements\x18\x02 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x19\n\x0ctoken_budget\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x13\n\x06rounds\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05tests\x18\x08 \x01(\tB\x0f\n\r_token_budgetB\t\n\x07_rounds\"[\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07persona\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"o\n\x08Revision\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x32\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\".fleet.deliberation.v1.CheckResult\"\x8c\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x11\n\tauthor_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61uthor_role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x32\n\trevisions\x18\x05 \x03(\x0b\x32\x1f.fleet.deliberation.v1.Revision\"\x86\x01\n\x08\x43ritique\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x13\n\x0bproposal_id\x18\x02 \x01(\t\x12\x11\n\tcritic_id\x18\x03 \x01(\t\x12\x11\n\tauthor_id\x18\x04 \x01(\t\x12\x0f\n\x07verdict\x18\x05 \x01(\t\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\x0e\n\x06issues\x18\x07 \x03(\t\"I\n\x07\x46inding\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08severity\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x05\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\"\x91\x01\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x12\n\napplicable\x18\x03 \x01(\x08\x12\x30\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x1e.fleet.deliberation.v1.Finding\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0e\n\x06gating\x18\x06 \x01(\x08\"\xb7\x01\n\x04Vote\x12\x10\n\x08voter_id\x18\x01 \x01(\t\x12\x13\n\x0bproposal_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\x37\n\x06scores\x18\x04 \x03(\x0b\x32\'.fleet.deliberation.v1.Vote.ScoresEntry\x12\x0e\n\x06reason\x18\x05 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xe9\x01\n\x0eRankedProposal\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x31\n\x08proposal\x18\x03 \x01(\x0b\x32\x1f.fleet.deliberation.v1.Proposal\x12\x32\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\".fleet.deliberation.v1.CheckResult\x12*\n\x05votes\x18\x05 \x03(\x0b\x32\x1b.fleet.deliberation.v1.Vote\x12\x12\n\npeer_score\x18\x06 \x01(\x01\x12\x13\n\x0b\x63heck_score\x18\x07 \x01(\x01\"~\n\tSelection\x12\x11\n\twinner_id\x18\x01 \x01(\t\x12\x36\n\x06method\x18\x02 \x01(\x0e\x32&.fleet.deliberation.v1.SelectionMethod\x12\x11\n\trationale\x18\x03 \x01(\t\x12\x13\n\x0bselected_by\x18\x04 \x01(\t\"_\n\nTokenUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\"3\n\rPhaseDuration\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x02 \x01(\x01\">\n\x0c\x41gentFailure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa7\x06\n\x12\x44\x65liberationResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x36\n\x07results\x18\x03 \x03(\x0b\x32%.fleet.deliberation.v1.RankedProposal\x12\x11\n\twinner_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65liberation_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x12\n\ncouncil_id\x18\x08 \x01(\t\x12\x33\n\tselection\x18\t \x01(\x0b\x32 .fleet.deliberation.v1.Selection\x12\x32\n\tcritiques\x18\n \x03(\x0b\x32\x1f.fleet.deliberation.v1.Critique\x12\x30\n\x05usage\x18\x0b \x03(\x0b\x32!.fleet.deliberation.v1.TokenUsage\x12=\n\x0fphase_durations\x18\x0c \x03(\x0b\x32$.fleet.deliberation.v1.PhaseDuration\x12\x35\n\x08\x66\x61ilures\x18\r \x03(\x0b\x32#.fleet.deliberation.v1.AgentFailure\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\x0f \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x10 \x01(\x03\x12\x10\n\x08\x65xecutor\x18\x11 \x01(\t\x12\x10\n\x08story_id\x18\x12 \x01(\t\x12\x14\n\x0c\x63ontext_note\x18\x13 \x01(\t\x12\x10\n\x08verified\x18\x14 \x01(\x08\x12\x17\n\x0fverified_reason\x18\x15 \x01(\t\x12\r\n\x05notes\x18\x16 \x03(\t\x12.\n\nstarted_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\rProgressEvent\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t*\xdf\x01\n\x12\x44\x65liberationStatus\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_UNKNOWN\x10\x00\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_PENDING\x10\x01\x12#\n\x1f\x44\x45LIBERATION_STATUS_IN_PROGRESS\x10\x02\x12!\n\x1d\x44\x45LIBERATION_STATUS_COMPLETED\x10\x03\x12\x1e\n\x1a\x44\x45LIBERATION_STATUS_FAILED\x10\x04\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_TIMEOUT\x10\x05*n\n\x0fSelectionMethod\x12\x1c\n\x18SELECTION_METHOD_UNKNOWN\x10\x00\x12\x1e\n\x1aSELECTION_METHOD_ARCHITECT\x10\x01\x12\x1d\n\x19SELECTION_METHOD_FALLBACK\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(fleet/deliberation/v1/deliberation.proto\x12\x15\x66leet.deliberation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\tCriterion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x8e\x02\n\x0b\x43onstraints\x12\x30\n\x06rubric\x18\x01 \x03(\x0b\x32 .fleet.deliberation.v1.Criterion\x12\x14\n\x0crequirements\x18\x02 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x19\n\x0ctoken_budget\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x13\n\x06rounds\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\r\n\x05tests\x18\x08 \x01(\t\x12\x14\n\x07\x65xecute\x18\t \x01(\x08H\x02\x88\x01\x01\x42\x0f\n\r_token_budgetB\t\n\x07_roundsB\n\n\x08_execute\"[\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07persona\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"o\n\x08Revision\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x32\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\".fleet.deliberation.v1.CheckResult\"\x8c\x01\n\x08Proposal\x12\x13\n\x0bproposal_id\x18\x01 \x01(\t\x12\x11\n\tauthor_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61uthor_role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x32\n\trevisions\x18\x05 \x03(\x0b\x32\x1f.fleet.deliberation.v1.Revision\"\x86\x01\n\x08\x43ritique\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x13\n\x0bproposal_id\x18\x02 \x01(\t\x12\x11\n\tcritic_id\x18\x03 \x01(\t\x12\x11\n\tauthor_id\x18\x04 \x01(\t\x12\x0f\n\x07verdict\x18\x05 \x01(\t\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\x0e\n\x06issues\x18\x07 \x03(\t\"I\n\x07\x46inding\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x10\n\x08severity\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x05\x12\r\n\x05\x62lock\x18\x04 \x01(\x05\"\x91\x01\n\x0b\x43heckResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x12\n\napplicable\x18\x03 \x01(\x08\x12\x30\n\x08\x66indings\x18\x04 \x03(\x0b\x32\x1e.fleet.deliberation.v1.Finding\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x0e\n\x06gating\x18\x06 \x01(\x08\"\xb7\x01\n\x04Vote\x12\x10\n\x08voter_id\x18\x01 \x01(\t\x12\x13\n\x0bproposal_id\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\x05\x12\x37\n\x06scores\x18\x04 \x03(\x0b\x32\'.fleet.deliberation.v1.Vote.ScoresEntry\x12\x0e\n\x06reason\x18\x05 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\xe9\x01\n\x0eRankedProposal\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x31\n\x08proposal\x18\x03 \x01(\x0b\x32\x1f.fleet.deliberation.v1.Proposal\x12\x32\n\x06\x63hecks\x18\x04 \x03(\x0b\x32\".fleet.deliberation.v1.CheckResult\x12*\n\x05votes\x18\x05 \x03(\x0b\x32\x1b.fleet.deliberation.v1.Vote\x12\x12\n\npeer_score\x18\x06 \x01(\x01\x12\x13\n\x0b\x63heck_score\x18\x07 \x01(\x01\"~\n\tSelection\x12\x11\n\twinner_id\x18\x01 \x01(\t\x12\x36\n\x06method\x18\x02 \x01(\x0e\x32&.fleet.deliberation.v1.SelectionMethod\x12\x11\n\trationale\x18\x03 \x01(\t\x12\x13\n\x0bselected_by\x18\x04 \x01(\t\"_\n\nTokenUsage\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x03\"3\n\rPhaseDuration\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x02 \x01(\x01\">\n\x0c\x41gentFailure\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xbc\x06\n\x12\x44\x65liberationResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).fleet.deliberation.v1.DeliberationStatus\x12\x36\n\x07results\x18\x03 \x03(\x0b\x32%.fleet.deliberation.v1.RankedProposal\x12\x11\n\twinner_id\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65liberation_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x12\n\ncouncil_id\x18\x08 \x01(\t\x12\x33\n\tselection\x18\t \x01(\x0b\x32 .fleet.deliberation.v1.Selection\x12\x32\n\tcritiques\x18\n \x03(\x0b\x32\x1f.fleet.deliberation.v1.Critique\x12\x30\n\x05usage\x18\x0b \x03(\x0b\x32!.fleet.deliberation.v1.TokenUsage\x12=\n\x0fphase_durations\x18\x0c \x03(\x0b\x32$.fleet.deliberation.v1.PhaseDuration\x12\x35\n\x08\x66\x61ilures\x18\r \x03(\x0b\x32#.fleet.deliberation.v1.AgentFailure\x12\x15\n\rerror_message\x18\x0e \x01(\t\x12\x17\n\x0f\x63ontext_version\x18\x0f \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x10 \x01(\x03\x12\x10\n\x08\x65xecutor\x18\x11 \x01(\t\x12\x10\n\x08story_id\x18\x12 \x01(\t\x12\x14\n\x0c\x63ontext_note\x18\x13 \x01(\t\x12\x10\n\x08verified\x18\x14 \x01(\x08\x12\x17\n\x0fverified_reason\x18\x15 \x01(\t\x12\r\n\x05notes\x18\x16 \x03(\t\x12.\n\nstarted_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0binterrupted\x18\x19 \x01(\x08\"\x86\x01\n\rProgressEvent\x12\x17\n\x0f\x64\x65liberation_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t*\xdf\x01\n\x12\x44\x65liberationStatus\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_UNKNOWN\x10\x00\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_PENDING\x10\x01\x12#\n\x1f\x44\x45LIBERATION_STATUS_IN_PROGRESS\x10\x02\x12!\n\x1d\x44\x45LIBERATION_STATUS_COMPLETED\x10\x03\x12\x1e\n\x1a\x44\x45LIBERATION_STATUS_FAILED\x10\x04\x12\x1f\n\x1b\x44\x45LIBERATION_STATUS_TIMEOUT\x10\x05*n\n\x0fSelectionMethod\x12\x1c\n\x18SELECTION_METHOD_UNKNOWN\x10\x00\x12\x1e\n\x1aSELECTION_METHOD_ARCHITECT\x10\x01\x12\x1d\n\x19SELECTION_METHOD_FALLBACK\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,42 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VOTE_SCORESENTRY']._loaded_options = None
   _globals['_VOTE_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_DELIBERATIONSTATUS']._serialized_start=2808
-  _globals['_DELIBERATIONSTATUS']._serialized_end=3031
-  _globals['_SELECTIONMETHOD']._serialized_start=3033
-  _globals['_SELECTIONMETHOD']._serialized_end=3143
+  _globals['_DELIBERATIONSTATUS']._serialized_start=2863
+  _globals['_DELIBERATIONSTATUS']._serialized_end=3086
+  _globals['_SELECTIONMETHOD']._serialized_start=3088
+  _globals['_SELECTIONMETHOD']._serialized_end=3198
   _globals['_CRITERION']._serialized_start=100
   _globals['_CRITERION']._serialized_end=146
   _globals['_CONSTRAINTS']._serialized_start=149
-  _globals['_CONSTRAINTS']._serialized_end=385
-  _globals['_AGENT']._serialized_start=387
-  _globals['_AGENT']._serialized_end=478
-  _globals['_REVISION']._serialized_start=480
-  _globals['_REVISION']._serialized_end=591
-  _globals['_PROPOSAL']._serialized_start=594
-  _globals['_PROPOSAL']._serialized_end=734
-  _globals['_CRITIQUE']._serialized_start=737
-  _globals['_CRITIQUE']._serialized_end=871
-  _globals['_FINDING']._serialized_start=873
-  _globals['_FINDING']._serialized_end=946
-  _globals['_CHECKRESULT']._serialized_start=949
-  _globals['_CHECKRESULT']._serialized_end=1094
-  _globals['_VOTE']._serialized_start=1097
-  _globals['_VOTE']._serialized_end=1280
-  _globals['_VOTE_SCORESENTRY']._serialized_start=1235
-  _globals['_VOTE_SCORESENTRY']._serialized_end=1280
-  _globals['_RANKEDPROPOSAL']._serialized_start=1283
-  _globals['_RANKEDPROPOSAL']._serialized_end=1516
-  _globals['_SELECTION']._serialized_start=1518
-  _globals['_SELECTION']._serialized_end=1644
-  _globals['_TOKENUSAGE']._serialized_start=1646
-  _globals['_TOKENUSAGE']._serialized_end=1741
-  _globals['_PHASEDURATION']._serialized_start=1743
-  _globals['_PHASEDURATION']._serialized_end=1794
-  _globals['_AGENTFAILURE']._serialized_start=1796
-  _globals['_AGENTFAILURE']._serialized_end=1858
-  _globals['_DELIBERATIONRESULT']._serialized_start=1861
-  _globals['_DELIBERATIONRESULT']._serialized_end=2668
-  _globals['_PROGRESSEVENT']._serialized_start=2671
-  _globals['_PROGRESSEVENT']._serialized_end=2805
+  _globals['_CONSTRAINTS']._serialized_end=419
+  _globals['_AGENT']._serialized_start=421
+  _globals['_AGENT']._serialized_end=512
+  _globals['_REVISION']._serialized_start=514
+  _globals['_REVISION']._serialized_end=625
+  _globals['_PROPOSAL']._serialized_start=628
+  _globals['_PROPOSAL']._serialized_end=768
+  _globals['_CRITIQUE']._serialized_start=771
+  _globals['_CRITIQUE']._serialized_end=905
+  _globals['_FINDING']._serialized_start=907
+  _globals['_FINDING']._serialized_end=980
+  _globals['_CHECKRESULT']._serialized_start=983
+  _globals['_CHECKRESULT']._serialized_end=1128
+  _globals['_VOTE']._serialized_start=1131
+  _globals['_VOTE']._serialized_end=1314
+  _globals['_VOTE_SCORESENTRY']._serialized_start=1269
+  _globals['_VOTE_SCORESENTRY']._serialized_end=1314
+  _globals['_RANKEDPROPOSAL']._serialized_start=1317
+  _globals['_RANKEDPROPOSAL']._serialized_end=1550
+  _globals['_SELECTION']._serialized_start=1552
+  _globals['_SELECTION']._serialized_end=1678
+  _globals['_TOKENUSAGE']._serialized_start=1680
+  _globals['_TOKENUSAGE']._serialized_end=1775
+  _globals['_PHASEDURATION']._serialized_start=1777
+  _globals['_PHASEDURATION']._serialized_end=1828
+  _globals['_AGENTFAILURE']._serialized_start=1830
+  _globals['_AGENTFAILURE']._serialized_end=1892
+  _globals['_DELIBERATIONRESULT']._serialized_start=1895
+  _globals['_DELIBERATIONRESULT']._serialized_end=2723
+  _globals['_PROGRESSEVENT']._serialized_start=2726
+  _globals['_PROGRESSEVENT']._serialized_end=2860
 # @@protoc_insertion_point(module_scope)

@@ -43,7 +43,7 @@ class Criterion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Constraints(_message.Message):
-    __slots__ = ("rubric", "requirements", "timeout_seconds", "max_tokens", "token_budget", "top_k", "rounds", "tests")
+    __slots__ = ("rubric", "requirements", "timeout_seconds", "max_tokens", "token_budget", "top_k", "rounds", "tests", "execute")
     RUBRIC_FIELD_NUMBER: _ClassVar[int]
     REQUIREMENTS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Constraints(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     TESTS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_FIELD_NUMBER: _ClassVar[int]
     rubric: _containers.RepeatedCompositeFieldContainer[Criterion]
     requirements: _containers.RepeatedScalarFieldContainer[str]
     timeout_seconds: float
@@ -60,7 +61,8 @@ class Constraints(_message.Message):
     top_k: int
     rounds: int
     tests: str
-    def __init__(self, rubric: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., requirements: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., token_budget: _Optional[int] = ..., top_k: _Optional[int] = ..., rounds: _Optional[int] = ..., tests: _Optional[str] = ...) -> None: ...
+    execute: bool
+    def __init__(self, rubric: _Optional[_Iterable[_Union[Criterion, _Mapping]]] = ..., requirements: _Optional[_Iterable[str]] = ..., timeout_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., token_budget: _Optional[int] = ..., top_k: _Optional[int] = ..., rounds: _Optional[int] = ..., tests: _Optional[str] = ..., execute: _Optional[bool] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "role", "persona", "temperature", "seed")
@@ -230,7 +232,7 @@ class AgentFailure(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeliberationResult(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note", "verified", "verified_reason", "notes", "started_at", "finished_at")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note", "verified", "verified_reason", "notes", "started_at", "finished_at", "interrupted")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +257,7 @@ class DeliberationResult(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[RankedProposal]
@@ -279,7 +282,8 @@ class DeliberationResult(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    interrupted: bool
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interrupted: _Optional[bool] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail")
