@@ -79,6 +79,7 @@ from services.deliberation.prompts import (
     score_schema,
     select_messages,
     selection_schema,
+    stop_sequences,
     system_prompt,
 )
 
@@ -427,7 +428,8 @@ class DeliberationEngine:
         for a in r.agents:
             rid = call_id(r.deliberation_id, Phase.GENERATE, 0, a.agent_id)
             messages = generate_messages(r.system, r.task, a)
-            calls.append(self._call(r, a, Phase.GENERATE, rid, r.request(a, rid, messages, SCHEMA_PROPOSAL)))
+            request = r.request(a, rid, messages, SCHEMA_PROPOSAL, stop=stop_sequences(r.task))
+            calls.append(self._call(r, a, Phase.GENERATE, rid, request))
         self._within_budget(r, Phase.GENERATE, calls)
         async with self._phase(r, Phase.GENERATE) as note:
             cut: set[str] = set()
@@ -497,7 +499,8 @@ class DeliberationEngine:
             messages = revise_messages(
                 r.system, r.task, author, proposal.content, c.verdict, c.summary, c.issues, r.checks_of(proposal)
             )
-            calls.append(self._call(r, author, Phase.REVISE, rid, r.request(author, rid, messages, SCHEMA_REVISION)))
+            request = r.request(author, rid, messages, SCHEMA_REVISION, stop=stop_sequences(r.task))
+            calls.append(self._call(r, author, Phase.REVISE, rid, request))
             by_request[rid] = c
         self._within_budget(r, Phase.REVISE, calls)
         async with self._phase(r, Phase.REVISE) as note:
@@ -557,7 +560,7 @@ class DeliberationEngine:
             labs = labels(len(candidates))
             rid = call_id(r.deliberation_id, Phase.SCORE, 0, voter.agent_id)
             messages = score_messages(
-                r.system, voter, [(lab, p.content) for lab, p in zip(labs, candidates, strict=True)], rubric
+                r.system, r.task, voter, [(lab, p.content) for lab, p in zip(labs, candidates, strict=True)]
             )
             max_tokens = max(r.task.constraints.max_tokens, score_max_tokens(len(candidates), r.keys))
             request = r.request(
@@ -624,7 +627,7 @@ class DeliberationEngine:
                 labs = labels(len(top))
                 finalists = [_finalist(lab, rp) for lab, rp in zip(labs, top, strict=True)]
                 rid = call_id(r.deliberation_id, Phase.SELECT, 0, architect.agent_id)
-                messages = select_messages(r.system, architect, finalists)
+                messages = select_messages(r.system, r.task, architect, finalists)
                 request = r.request(architect, rid, messages, SCHEMA_SELECTION, json_schema=selection_schema(labs))
                 call = self._call(r, architect, Phase.SELECT, rid, request)
                 budget = r.task.constraints.token_budget

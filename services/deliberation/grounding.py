@@ -14,11 +14,11 @@ port, services/common/sandbox.py over gRPC), the only process that executes it. 
 makes the test checks fail with "sandbox unavailable" (the deliberation is then not verified), never a crash.
 
 Which block is what (the one rule): among the proposal's Python blocks, one whose top-level functions are all
-`test_*` is a test block; every other block is code. solution.py is the code blocks joined; with none, the code the
-task builds on (`Task.base_code`, its dependencies' winning code: a QA task tests DEV's code) stands in. The test
-blocks, or the test functions inside solution.py, are the proposal's own tests (test_proposal.py). A test block
-that imports the code under another module name (`from slugify import slugify`) gets that module as a copy of
-solution.py.
+`test_*` is a test block; every other block is code. solution.py is the code the task builds on (`Task.base_code`:
+its dependencies' winning code — a QA task tests DEV's code — or a stub's imports and helpers) followed by the
+code blocks joined. The test blocks, or the test functions inside the code, are the proposal's own tests
+(test_proposal.py). A test block that imports the code under another module name (`from slugify import slugify`)
+gets that module as a copy of solution.py.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ class Sandbox(Protocol):
 class Program:
     """What a proposal gives the sandbox: the code, its own tests, and module aliases for those tests."""
 
-    code: str  # solution.py ("" when the proposal has no code and the task builds on none)
+    code: str  # solution.py: the base code, then the proposal's ("" when there is neither)
     own_tests: str  # test_proposal.py ("" when the proposal wrote no test)
     aliases: tuple[str, ...] = ()  # other module names the own tests import the code under
-    from_base: bool = False  # the code is the task's base code, not the proposal's
+    from_base: bool = False  # the proposal brought no code: solution.py is the task's base code alone
 
 
 def _is_test_function(node: ast.stmt) -> bool:
@@ -88,10 +88,9 @@ def program_of(content: str, base_code: str = "") -> Program:
             test_blocks.append((block, tree))
         else:
             code_blocks.append((block, tree))
-    code = "\n\n".join(b.code.rstrip() for b, _ in code_blocks)
-    from_base = False
-    if not code.strip() and base_code.strip():
-        code, from_base = base_code, True
+    own_code = "\n\n".join(b.code.rstrip() for b, _ in code_blocks)
+    from_base = not own_code.strip() and bool(base_code.strip())
+    code = "\n\n".join(part.rstrip() for part in (base_code, own_code) if part.strip())
     own = ""
     aliases: set[str] = set()
     if test_blocks:

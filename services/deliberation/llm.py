@@ -26,6 +26,7 @@ class LLMRequest:
     json_schema: dict[str, Any] | None = None
     schema_name: str = "answer"
     enable_thinking: bool = False
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
 
 
 @dataclass(frozen=True)

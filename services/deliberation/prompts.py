@@ -77,32 +77,38 @@ def criterion_keys(rubric: Sequence[Criterion]) -> list[str]:
 
 
 def system_prompt(task: Task) -> str:
-    """The shared prefix: identical for every call of one deliberation. Short and code-first: the task, its tests
-    and the code it builds on come first; the rubric is given where it is used (critique, score), not here."""
+    """The shared prefix's first message, identical for every call of one deliberation: who the agents are and what
+    the code must satisfy (the task's tests, the code it builds on), then the context. The task itself opens every
+    user message (`task_block`): measured with SmolLM2-135M (bench/bench_prompts.py), a task put in the system
+    message is all but ignored by a small model (25% of answers parsed, 0 of 40 HumanEval problems solved), while
+    the same task first in the user message matches a plain "complete this function" prompt."""
     c = task.constraints
-    parts = [f"You are an agent of SWE AI Fleet on the {task.role} council. {ROLE_DESCRIPTIONS[task.role]}"]
-    parts.append(f"## Task {task.task_id}\n{task.description.strip()}")
+    parts = [f"You are a member of the {task.role} council of SWE AI Fleet. {ROLE_DESCRIPTIONS[task.role]}"]
     if c.tests.strip():
-        parts.append(
-            "## Tests the code must pass (test_task.py; they import it from solution.py)\n"
-            f"```python\n{c.tests.strip()}\n```"
-        )
+        parts.append(f"The code is saved as solution.py and must pass these tests:\n```python\n{c.tests.strip()}\n```")
     if task.base_code.strip():
-        parts.append(f"## Code it builds on (solution.py)\n```python\n{task.base_code.strip()}\n```")
-    if c.requirements:
-        parts.append("## Requirements\n" + "\n".join(f"- {r}" for r in c.requirements))
+        parts.append(
+            "It builds on this code, which solution.py already holds (what you write is added after it):\n"
+            f"```python\n{task.base_code.strip()}\n```"
+        )
     if task.context.strip():
         version = f" (version {task.context_version})" if task.context_version else ""
-        parts.append(f"## Context{version}\n{task.context.strip()}")
-    rules = (
-        "## Rules\n- Code goes in fenced blocks tagged with the language (```python, ```yaml, ```json).\n"
-        "- No real secrets, credentials or tokens: placeholders or environment references.\n"
-        "- When asked for JSON, answer with the JSON object only."
-    )
+        parts.append(f"Context{version}:\n{task.context.strip()}")
     if not task.is_code_task:
-        rules += "\n- Container images carry a pinned tag; no privileged containers."
-    parts.append(rules)
+        parts.append(
+            "Rules: artefacts in fenced blocks tagged with their language (```yaml, ```json, ```sql); no real "
+            "secrets, credentials or tokens (placeholders or environment references); container images carry a "
+            "pinned tag; no privileged containers."
+        )
     return "\n\n".join(parts)
+
+
+def task_block(task: Task) -> str:
+    """The task, first in every user message (after the system message: still one prefix the council shares)."""
+    requirements = "".join(f"\n- {r}" for r in task.constraints.requirements)
+    return f"Task {task.task_id}: {task.description.strip()}" + (
+        f"\nRequirements:{requirements}" if requirements else ""
+    )
 
 
 def _you(agent: AgentSpec, what: str) -> str:
@@ -110,23 +116,32 @@ def _you(agent: AgentSpec, what: str) -> str:
 
 
 def deliverable(task: Task) -> str:
-    """What an answer must be, in one line (GENERATE and REVISE say the same)."""
+    """What an answer must be, in one line (GENERATE and REVISE say the same). For code, the plain prompt's wording
+    a small model follows best (bench/bench_prompts.py)."""
     if task.is_code_task and task.role == Role.QA and not task.constraints.tests.strip():
         return (
             "one ```python block of pytest tests (def test_... functions) for the code in solution.py "
             "(`from solution import ...`), and nothing else"
         )
     if task.is_code_task:
-        tests = "" if task.constraints.tests.strip() else ", followed by a few pytest tests for it (def test_...)"
-        return f"one ```python block with the complete code of solution.py{tests}, and nothing else"
+        tests = "" if task.constraints.tests.strip() else " followed by a few pytest tests for it (def test_...)"
+        return f"one ```python block containing the complete function{tests}, and nothing else"
     return (
         "a short approach in a few bullets, the artefact itself in fenced blocks (```yaml, ```json, ```sql ...), "
         "then the risks in one or two lines"
     )
 
 
+# A code answer is one block: stopping at its closing fence saves the tokens a small model spends on repeating it.
+CODE_STOP = ("\n```\n",)
+
+
+def stop_sequences(task: Task) -> tuple[str, ...]:
+    return CODE_STOP if task.is_code_task else ()
+
+
 def generate_instruction(task: Task, agent: AgentSpec) -> str:
-    return f"{_you(agent, f'a member of the {task.role} council')}\nAnswer with {deliverable(task)}."
+    return f"{task_block(task)}\n\nYou are {agent.agent_id}. Your emphasis: {agent.persona}\nAnswer with {deliverable(task)}."
 
 
 def generate_messages(system: str, task: Task, agent: AgentSpec) -> tuple[ChatMessage, ...]:
@@ -167,7 +182,7 @@ def critique_messages(
     system: str, task: Task, critic: AgentSpec, content: str, checks: Sequence[CheckResult] = ()
 ) -> tuple[ChatMessage, ...]:
     user = (
-        f"## Proposal under review (written by a peer)\n{content.strip()}\n\n"
+        f"{task_block(task)}\n\n## Proposal under review (written by a peer)\n{content.strip()}\n\n"
         f"## What the checks found (the code was run against the tests)\n{checks_summary(checks)}\n\n"
         f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
         f"{_you(critic, 'reviewing this proposal')}\n"
@@ -206,13 +221,14 @@ def revise_messages(
 
 
 def score_messages(
-    system: str, voter: AgentSpec, candidates: Sequence[tuple[str, str]], rubric: Sequence[Criterion]
+    system: str, task: Task, voter: AgentSpec, candidates: Sequence[tuple[str, str]]
 ) -> tuple[ChatMessage, ...]:
     """`candidates`: (label, content) in the order this voter sees them."""
+    rubric = task.constraints.rubric
     shown = "\n\n".join(f"## Candidate {label}\n{content.strip()}" for label, content in candidates)
     keys = ", ".join(criterion_keys(rubric))
     user = (
-        f"{shown}\n\n## Rubric\n{_rubric(rubric)}\n\n"
+        f"{task_block(task)}\n\n{shown}\n\n## Rubric\n{_rubric(rubric)}\n\n"
         f"{_you(voter, 'scoring proposals written by your peers')}\n"
         f"Score every candidate ({', '.join(label for label, _ in candidates)}) on each rubric criterion ({keys}) "
         f"with an integer from {SCORE_MIN} (poor) to {SCORE_MAX} (excellent), judging the content only; the "
@@ -233,7 +249,9 @@ class Finalist:
     failed_checks: tuple[str, ...]
 
 
-def select_messages(system: str, architect: AgentSpec, finalists: Sequence[Finalist]) -> tuple[ChatMessage, ...]:
+def select_messages(
+    system: str, task: Task, architect: AgentSpec, finalists: Sequence[Finalist]
+) -> tuple[ChatMessage, ...]:
     parts = []
     for f in finalists:
         failed = f"; failed checks: {', '.join(f.failed_checks)}" if f.failed_checks else ""
@@ -242,7 +260,8 @@ def select_messages(system: str, architect: AgentSpec, finalists: Sequence[Final
             f"checks {f.checks_passed}/{f.checks_applicable} passed{failed})\n{f.content.strip()}"
         )
     user = (
-        "The council's finalists, best scored first:\n\n" + "\n\n".join(parts) + "\n\n"
+        f"{task_block(task)}\n\nThe council's finalists, best scored first:\n\n" + "\n\n".join(parts) + "\n\n"
+        f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
         f"{_you(architect, 'the ARCHITECT who decides this deliberation')}\n"
         "Pick the candidate that best solves the task under the rubric and the requirements; the scores advise, "
         f"you decide. winner: the candidate's label. rationale: why, at most {RATIONALE_MAX} characters. "

@@ -31,6 +31,7 @@ def task_from_request(r: pb.DeliberateRequest) -> Task:
         role=role,
         constraints=constraints_from_proto(r.constraints, role),
         story_id=r.story_id,
+        base_code=r.base_code,
     )
 
 

@@ -157,7 +157,7 @@ async def test_a_plan_runs_qa_after_dev_against_devs_winning_code(grounded, llm_
         for r in await llm_server.arequests()
         if r["request_id"].startswith(qa.deliberation_id)
     ]
-    assert qa_prompts and all("## Code it builds on (solution.py)" in p and "re.findall" in p for p in qa_prompts)
+    assert qa_prompts and all("It builds on this code" in p and "re.findall" in p for p in qa_prompts)
 
 
 async def test_a_cycle_in_a_plan_is_dead_lettered_naming_the_field(grounded, bus):

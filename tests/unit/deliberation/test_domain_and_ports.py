@@ -35,7 +35,7 @@ def test_councils_have_stable_ids_and_agents_that_differ_on_purpose():
     council = make_council(Role.DEV)
     assert council.council_id == "council-dev" and council.role == Role.DEV
     assert [a.agent_id for a in council.agents] == ["agent-dev-001", "agent-dev-002", "agent-dev-003"]
-    assert [a.temperature for a in council.agents] == [0.3, 0.7, 1.0]
+    assert [a.temperature for a in council.agents] == [0.2, 0.4, 0.6]
     assert "Correctness" in council.agents[0].persona and "Simplicity" in council.agents[1].persona
     assert "Performance" in council.agents[2].persona
     assert make_council(Role.DEV) == council  # deterministic

@@ -279,3 +279,15 @@ async def test_execution_can_be_turned_off_and_then_nothing_is_verified():
     assert result.status == DeliberationStatus.COMPLETED and not sandbox.executions
     assert not result.verified and result.verified_reason.startswith("execution was off for this task")
     assert not check(result, result.winner_id, "tests.task").applicable
+
+
+def test_the_code_a_task_builds_on_comes_first_in_solution_py():
+    """A stub's imports, or a dependency's winning code: solution.py holds it, then the proposal's code (which may
+    add to it or redefine a function); a proposal with only tests runs them against the base alone."""
+    base = "from typing import List\n"
+    both = program_of("```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```", base)
+    assert both.code.startswith("from typing import List\n") and "def total" in both.code and not both.from_base
+    only_tests = program_of(
+        "```python\nfrom solution import total\n\n\ndef test_total():\n    assert total([1])\n```", base
+    )
+    assert only_tests.code == base and only_tests.from_base and "def test_total" in only_tests.own_tests

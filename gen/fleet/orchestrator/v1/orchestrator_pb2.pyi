@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DeliberateRequest(_message.Message):
-    __slots__ = ("task_id", "task_description", "role", "constraints", "num_agents", "story_id", "phase")
+    __slots__ = ("task_id", "task_description", "role", "constraints", "num_agents", "story_id", "phase", "base_code")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DeliberateRequest(_message.Message):
     NUM_AGENTS_FIELD_NUMBER: _ClassVar[int]
     STORY_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
+    BASE_CODE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     task_description: str
     role: str
@@ -23,7 +24,8 @@ class DeliberateRequest(_message.Message):
     num_agents: int
     story_id: str
     phase: str
-    def __init__(self, task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., num_agents: _Optional[int] = ..., story_id: _Optional[str] = ..., phase: _Optional[str] = ...) -> None: ...
+    base_code: str
+    def __init__(self, task_id: _Optional[str] = ..., task_description: _Optional[str] = ..., role: _Optional[str] = ..., constraints: _Optional[_Union[_deliberation_pb2.Constraints, _Mapping]] = ..., num_agents: _Optional[int] = ..., story_id: _Optional[str] = ..., phase: _Optional[str] = ..., base_code: _Optional[str] = ...) -> None: ...
 
 class DeliberateResponse(_message.Message):
     __slots__ = ("result",)
