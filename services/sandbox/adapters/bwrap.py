@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 from packaging.requirements import Requirement
 
 from services.common.errors import FailedPrecondition
@@ -100,26 +101,19 @@ def pytest_closure() -> dict[str, Path]:
 
 def _processes_of(uid: int) -> list[int]:
     """Live (not zombie) processes whose real uid is `uid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
-            pids.append(int(entry))
-    return pids
+    return [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "uids", "status"])
+        if p.info["uids"] and p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
 
 
 def _tasks_of(uid: int) -> int:
     """Processes and threads of `uid` (what RLIMIT_NPROC counts)."""
     total = 0
     for pid in _processes_of(uid):
-        with contextlib.suppress(OSError):
-            total += len(os.listdir(f"/proc/{pid}/task"))
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).num_threads()
     return total
 
 
