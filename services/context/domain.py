@@ -26,6 +26,7 @@ from typing import Protocol
 
 from services.common.errors import InvalidArgument
 from services.common.events import ID_PATTERN, Role, StoryPhase, Vocabulary
+from services.common.secrets import CREDENTIALS, HINTS, KEY_WORDS, CredentialPattern, is_placeholder
 
 # --- vocabulary --------------------------------------------------------------------------------------------
 
@@ -376,73 +377,46 @@ class Change:
 
 REDACTED = "[REDACTED:{kind}]"
 
-_TOKEN_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    (
-        "private-key",
-        re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)", re.S),
-    ),
-    ("aws-access-key", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
-    ("github-token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})")),
-    ("slack-token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}")),
-    ("api-key", re.compile(r"\bsk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{20,}")),
-    ("google-api-key", re.compile(r"\bAIza[0-9A-Za-z_-]{35}")),
-    ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")),
-]
-_BEARER = re.compile(r"(?i)\b(bearer|basic)([ \t]+)([A-Za-z0-9._~+/-]{16,}=*)")
-_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.-]*://[^\s:/@]+:)([^\s@/]+)(@)", re.I)
+# The key of a `password = ...` assignment and its value, which is hidden unless it is a placeholder, a short
+# number or shorter than 4 characters.
 _ASSIGNMENT = re.compile(
-    r"""(?ix)
-    (?P<key>[A-Za-z0-9_.-]*(?:password|passwd|passphrase|pwd|secret|token|api[_-]?key|access[_-]?key
-        |private[_-]?key|client[_-]?secret|credentials?)[A-Za-z0-9_.-]*)
+    rf"""(?ix)
+    (?P<key>[A-Za-z0-9_.-]*(?:{KEY_WORDS})[A-Za-z0-9_.-]*)
     (?P<quote_key>["']?)
     (?P<sep>[ \t]*[:=][ \t]*)
     (?P<quote>["']?)
     (?P<value>[^\s"',;]+)
     """
 )
-# Values that are references or placeholders, not secrets.
-_NOT_SECRET = {"null", "none", "true", "false", "str", "string", "int", "bool", "required", "optional", "redacted"}
 
 
 def _assignment(m: re.Match[str], counter: list[int]) -> str:
     value = m.group("value")
-    low = value.lower().strip("()[]{}")
-    if (
-        value.startswith(("$", "<", "{", "[", "*", "%"))
-        or low in _NOT_SECRET
-        or low.startswith("[redacted")
-        or (value.isdigit() and len(value) < 8)
-        or len(value) < 4
-    ):
+    if is_placeholder(value) or (value.isdigit() and len(value) < 8) or len(value) < 4:
         return m.group(0)
     counter[0] += 1
     return f"{m.group('key')}{m.group('quote_key')}{m.group('sep')}{m.group('quote')}{REDACTED.format(kind='secret')}"
 
 
-# Every pattern above needs one of these (lower-cased): most texts are cleared by a few substring searches.
-_HINTS = (
-    "akia", "asia", "gh", "xox", "sk-", "aiza", "eyj", "private key", "bearer", "basic", "://",
-    "pass", "pwd", "secret", "token", "key", "credential",
-)  # fmt: skip
+def _hide(pattern: CredentialPattern, m: re.Match[str]) -> str:
+    start, end = pattern.span(m)
+    whole = m.group(0)
+    return whole[: start - m.start()] + REDACTED.format(kind=pattern.kind) + whole[end - m.start() :]
 
 
 @lru_cache(maxsize=50_000)
 def redact(text: str) -> tuple[str, int]:
-    """`text` with credentials replaced by [REDACTED:<kind>], and how many were replaced (memoized: the same
-    items are rendered again for every role, budget and rebuild)."""
+    """`text` with credentials (services.common.secrets) replaced by [REDACTED:<kind>], and how many were replaced
+    (memoized: the same items are rendered again for every role, budget and rebuild)."""
     if not text:
         return text, 0
     low = text.lower()
-    if not any(h in low for h in _HINTS):
+    if not any(h in low for h in HINTS):  # every credential pattern contains one of them
         return text, 0
     counter = [0]
-    for kind, pattern in _TOKEN_PATTERNS:
-        text, n = pattern.subn(REDACTED.format(kind=kind), text)
+    for pattern in CREDENTIALS:
+        text, n = pattern.regex.subn(lambda m, p=pattern: _hide(p, m), text)
         counter[0] += n
-    text, n = _BEARER.subn(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED.format(kind='token')}", text)
-    counter[0] += n
-    text, n = _URL_PASSWORD.subn(lambda m: f"{m.group(1)}{REDACTED.format(kind='password')}{m.group(3)}", text)
-    counter[0] += n
     text = _ASSIGNMENT.sub(lambda m: _assignment(m, counter), text)
     return text, counter[0]
 

@@ -11,8 +11,10 @@
                       1.33 schemas with kubernetes-validate in strict mode (unknown fields fail); a kind without
                       a schema (e.g. a CRD) is a finding too
   json.syntax         every JSON block loads (`json.loads`)
-  policy.secrets      no credentials in the text (AWS keys, private keys, GitHub/Slack/Google tokens,
-                      password=/token=/secret= style assignments with a literal value that is not a placeholder)
+  policy.secrets      no credentials in the text: those services.common.secrets describes (AWS keys, private
+                      keys, GitHub/Slack/Google tokens, sk- API keys, JWTs, bearer tokens, passwords in URLs;
+                      the context service redacts the same), and no password=/token=/secret= style assignments
+                      with a literal value that is not a placeholder
   policy.privileged   no `privileged: true` and no `docker run --privileged` in the code blocks (prose that
                       warns against it is not configuration)
   policy.image_tags   every container image (any `image` key of a YAML/JSON document, `FROM` in Dockerfiles)
@@ -45,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from services.common.secrets import CREDENTIALS, KEY_WORDS, is_placeholder
 from services.deliberation.domain import CheckResult, Finding
 
 log = logging.getLogger("fleet.deliberation.checks")
@@ -318,33 +321,13 @@ def check_kubernetes(blocks: Sequence[CodeBlock]) -> CheckResult:
 
 # --- policy checks ----------------------------------------------------------------------------------------------
 
-_SECRET_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("AWS access key id", re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b")),
-    (
-        "AWS secret access key",
-        re.compile(r"(?i)aws_?secret_?access_?key\s*[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9/+=]{40}\b"),
-    ),
-    ("private key", re.compile(r"-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP |ENCRYPTED )?PRIVATE KEY( BLOCK)?-----")),
-    ("GitHub token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b")),
-    ("Slack token", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b")),
-    ("Google API key", re.compile(r"\bAIza[0-9A-Za-z_\-]{35}\b")),
-    ("OpenAI-style API key", re.compile(r"\bsk-[A-Za-z0-9_\-]{32,}\b")),
-    ("credentials in a URL", re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:[^\s:/@]{3,}@[^\s/]+", re.I)),
-)
-# name = "literal" / name: literal, where the name says it is a credential.
+# name = "literal" / name: literal, where the name says it is a credential (services.common.secrets.KEY_WORDS).
 _ASSIGNED_SECRET = re.compile(
-    r"""(?ix)
-    \b(?P<key>[a-z0-9_.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credential)s?)
+    rf"""(?ix)
+    \b(?P<key>[a-z0-9_.-]*(?:{KEY_WORDS})s?)
     ["']?\s*(?::|=|:=)\s*
-    (?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;#)}\]]+)
+    (?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;#)}}\]]+)
     """
-)
-_PLACEHOLDER = re.compile(
-    r"""(?ix)^(
-      \$\{.*\}|\$\(.*\)|\$[a-z_][a-z0-9_]*|\{\{.*\}\}|<[^>]*>|%\(.*\)s|
-      \*+|x{3,}|\.{3}|changeme|change[_-]?me|placeholder|redacted|dummy|example|your[_-].*|
-      none|null|true|false|os\.environ.*|os\.getenv.*|env\(.*\)|getenv\(.*\)|secretkeyref|valuefrom
-    )$"""
 )
 
 
@@ -357,7 +340,7 @@ def _is_literal_secret(raw: str) -> bool:
     that is not a placeholder, a number, an identifier, a call or a type hint."""
     quoted = len(raw) >= 2 and raw[0] in "\"'" and raw[-1] == raw[0]
     value = (raw[1:-1] if quoted else raw).strip()
-    if len(value) < 4 or _PLACEHOLDER.match(value) or re.fullmatch(r"[\d.]+", value):
+    if len(value) < 4 or is_placeholder(value) or re.fullmatch(r"[\d.]+", value):
         return False
     if quoted:
         return True
@@ -371,9 +354,9 @@ def _is_literal_secret(raw: str) -> bool:
 
 def check_secrets(content: str) -> CheckResult:
     findings = []
-    for label, pattern in _SECRET_PATTERNS:
-        for m in pattern.finditer(content):
-            findings.append(Finding(f"{label} in the text", "error", _line_of(content, m.start())))
+    for pattern in CREDENTIALS:
+        for m in pattern.regex.finditer(content):
+            findings.append(Finding(f"{pattern.name} in the text", "error", _line_of(content, m.start())))
     for m in _ASSIGNED_SECRET.finditer(content):
         if _is_literal_secret(m.group("value")):
             findings.append(
