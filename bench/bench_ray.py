@@ -38,7 +38,7 @@ from services.deliberation.domain import DeliberationResult, Task, make_council
 from services.deliberation.engine import CallOutcome, DeliberationEngine, InProcessExecutor, ObservedExecutor
 from services.local import infra as infra_module
 from services.local.infra import LocalInfra, start_ray_head
-from services.local.openai_server import start_openai_server
+from tests.openai_server import start_openai_server
 
 GOAL_PCT = 5.0
 

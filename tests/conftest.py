@@ -100,7 +100,7 @@ def ctx_settings(settings: FleetSettings, bolt_uri: str) -> object:
 @pytest.fixture(scope="session")
 def llm_server() -> Iterator[object]:
     """A loopback OpenAI-compatible server (20 ms per answer), steerable through its /control endpoint."""
-    from services.local.openai_server import start_openai_server
+    from openai_server import start_openai_server
 
     server = start_openai_server(delay_ms=20)
     yield server

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import grpc
 import httpx
 import pytest
+from openai_server import start_openai_server
 
 from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
@@ -26,7 +27,6 @@ from services.common import events as ev
 from services.deliberation.proto import result_from_proto
 from services.local.demo import SLUGIFY_TESTS, publish_approval
 from services.local.fleet import FleetOptions, LocalFleet
-from services.local.openai_server import start_openai_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from openai_server import ServerHandle, start_openai_server
 
 from services.common.llm import VLLMClient
-from services.local.openai_server import ServerHandle, start_openai_server
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,11 @@ from email.utils import formatdate
 import httpx
 import jsonschema
 import pytest
+from openai_server import ServerHandle, start_openai_server
 
 from services.common.errors import Unavailable
 from services.common.llm import VLLMClient
 from services.deliberation.llm import ChatMessage, LLMError, LLMRequest
-from services.local.openai_server import ServerHandle, start_openai_server
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ def ray_driver(ray_head):
 @pytest.fixture(scope="session")
 def ray_llm():
     """The ray tests' own loopback OpenAI server (their /control changes never touch other suites)."""
-    from services.local.openai_server import start_openai_server
+    from openai_server import start_openai_server
 
     server = start_openai_server(delay_ms=30)
     yield server

@@ -520,7 +520,7 @@ async def test_a_pending_record_round_trips_too(task):
 async def test_against_the_loopback_openai_server(task, council, architect):
     """The real vLLM client and the loopback server's schema-driven answers (in process): the schemas are
     accepted and the random-but-valid answers go through every phase."""
-    from services.local.openai_server import create_app
+    from openai_server import create_app
 
     transport = httpx.ASGITransport(app=create_app())
     async with VLLMClient("http://loopback", "test-model", transport=transport, max_retries=0) as client:

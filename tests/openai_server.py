@@ -1,10 +1,9 @@
 """A loopback OpenAI-compatible chat server standing in for vLLM where the real model is not needed.
 
-A real HTTP server (FastAPI + uvicorn) that the integration tests, benchmarks and the local fleet start as a
-separate process:
+A real HTTP server (FastAPI + uvicorn) that the tests and the benchmarks start as a separate process (it is test
+tooling: nothing in services/ imports it):
 
-    python -m services.local.openai_server --host 127.0.0.1 --port P [--delay-ms D] [--model NAME]
-                                           [--tokens-per-second T]
+    python tests/openai_server.py --host 127.0.0.1 --port P [--delay-ms D] [--model NAME] [--tokens-per-second T]
 
 It logs one line `ready on http://HOST:PORT` once it accepts connections (`--port 0` picks a free port; the line
 names it). Answers are deterministic per (seed, messages):
@@ -56,7 +55,7 @@ from services.local.processes import spawn
 
 log = logging.getLogger("fleet.local.openai_server")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "test-model"
 DEFAULT_MAX_TOKENS = 2048
 MAX_SCHEMA_DEPTH = 24
@@ -954,7 +953,7 @@ def start_openai_server(
     """
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="openai-server-")) / "server.log"
-    command = [sys.executable, "-m", "services.local.openai_server", "--host", host, "--port", str(port or 0)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--host", host, "--port", str(port or 0)]
     command += ["--delay-ms", str(delay_ms), "--model", model, "--tokens-per-second", str(tokens_per_second)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
