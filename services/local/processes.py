@@ -5,24 +5,22 @@ services):
 
 - `free_port()` / `free_port_range()` hand out free loopback ports, never the same one twice in a process.
 - `ManagedProcess` is one child: its own session (so its whole process group can be signalled), stdout+stderr
-  appended to `<log_dir>/<name>.log`, `wait_ready(check)` polling a real readiness check (sync or async), and
+  appended to `<log_dir>/<name>.log`, `wait_ready(check)` polling a real readiness check, and
   `stop()`: SIGTERM to the group, then SIGKILL, also reaching descendants that left the group. Children also
   get SIGTERM if this process dies without stopping them (`setpriv --pdeathsig`, unless `die_with_parent=False`).
 - `Component` is the record a table or a state file shows (name, address, pid, log, state).
 - `ProcessGroup` owns several components: stops them in reverse order on exit, on error, at interpreter exit
   (`atexit`) and, when asked, on SIGINT/SIGTERM; it can write a JSON state file so that `stop_from_state()` in
   another process (`fleet infra down`) stops a group started in the background. Before signalling a PID read
-  from a file it checks, through /proc, that the PID is still the same process (start time, command line).
+  from a file it checks, through psutil, that the PID is still the same process (start time, command line).
 
-Linux only (it reads /proc); nothing here ever kills by name.
+Linux only (process groups, `setpriv`); nothing here ever kills by name.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -35,16 +33,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal, Self, TypeVar
 
+import psutil
+
 log = logging.getLogger(__name__)
 
-ReadyCheck = Callable[[], bool | Awaitable[bool]]
+ReadyCheck = Callable[[], bool]
 State = Literal["starting", "ready", "stopped", "failed"]
 
 LOG_TAIL_LINES = 40
@@ -115,95 +115,121 @@ def free_port_range(count: int, host: str = "127.0.0.1", low: int = 20000, high:
     raise RuntimeError(f"no range of {count} free ports on {host} in [{low}, {high})")
 
 
-# --- /proc ----------------------------------------------------------------------------------------------------
+# --- process identity (psutil) -------------------------------------------------------------------------------
+
+# A PID read from a state file is trusted only while its start time (psutil's `create_time()`, seconds since the
+# epoch) matches the recorded one. psutil derives it from /proc's start tick (0.01 s) plus the boot time, which
+# Linux recomputes on each read from the wall clock (so it can differ by 1 s from one read to the next, and
+# follows clock steps): compare within this tolerance. A recycled PID would also need the recorded command line.
+START_TIME_TOLERANCE = 2.0
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgrp, starttime) of a live PID, None if there is no such process."""
+def _running(proc: psutil.Process) -> bool:
+    """True while `proc` (this very process: psutil notices a recycled PID) runs; a zombie counts as gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-    rest = raw[raw.rindex(")") + 2 :].split()
-    # fields 3.. of proc(5): state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
-    # cutime cstime priority nice num_threads itrealvalue starttime
-    return rest[0], int(rest[1]), int(rest[2]), int(rest[19])
+        return proc.is_running() and proc.status() not in _GONE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of `pid` (clock ticks since boot): with the PID, a process's real identity."""
-    st = _proc_stat(pid)
-    return st[3] if st else None
+def _signal(proc: psutil.Process, sig: int) -> None:
+    """Signal `proc` unless it is gone (psutil refuses to signal a PID that now belongs to another process)."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        proc.send_signal(sig)
 
 
-def process_cmdline(pid: int) -> list[str] | None:
+def _cmdline(proc: psutil.Process) -> list[str] | None:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        args = proc.cmdline()
+    except psutil.Error:
         return None
-    args = [a.decode(errors="replace") for a in raw.split(b"\0")]
-    while args and not args[-1]:  # the terminating NUL, and the padding of servers that rewrite their title
+    while args and not args[-1]:  # the padding of servers that rewrite their title (valkey, redis)
         args.pop()
     return args
+
+
+def _exe(proc: psutil.Process) -> str | None:
+    try:
+        return proc.exe() or None
+    except psutil.Error:
+        return None
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def process_identity(pid: int) -> dict[str, Any]:
+    """What a state file keeps to recognise `pid` later: `start_time` (psutil `create_time()`, seconds since the
+    epoch), `cmdline` and `exe`; each None if unknown (e.g. the process is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        start_time: float | None = proc.create_time()
+    except psutil.Error:
+        return {"start_time": None, "cmdline": None, "exe": None}
+    return {"start_time": start_time, "cmdline": _cmdline(proc), "exe": _exe(proc)}
+
+
+def _recorded_start(start_time: float) -> float:
+    """A recorded start time as seconds since the epoch. State files written before psutil hold /proc's start
+    tick (an int: clock ticks since boot), converted here the way psutil computes `create_time()`."""
+    if isinstance(start_time, int):
+        return psutil.boot_time() + start_time / os.sysconf("SC_CLK_TCK")
+    return float(start_time)
 
 
 def wait_exec(pid: int, argv: Sequence[str], timeout: float = 2.0) -> bool:
     """Wait (bounded) until `pid` runs `argv`: a freshly forked child shows its parent's (or a wrapper's) command
     line until it execs, and a state file must record the program's own. False if it never showed up in time."""
     deadline = time.monotonic() + timeout
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return False
     while True:
-        cmdline = process_cmdline(pid)
-        if cmdline is None or cmdline == list(argv):
-            return cmdline is not None
-        if time.monotonic() >= deadline:
+        cmdline = _cmdline(proc)
+        if cmdline == list(argv):
+            return True
+        if not _running(proc) or time.monotonic() >= deadline:
             return False
         time.sleep(0.005)
 
 
-def _process_exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
 def pid_alive(pid: int) -> bool:
     """True if `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    st = _proc_stat(pid)
-    if st is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not Path("/proc").is_dir() or Path(f"/proc/{pid}").exists()
-    return st[0] not in ("Z", "X", "x")
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
 
 
-def process_tree(pid: int) -> dict[int, int]:
-    """Live members of process group `pid` and descendants of `pid` (leader excluded): {pid: starttime}."""
+def process_tree(pid: int) -> dict[int, psutil.Process]:
+    """Live members of process group `pid` and descendants of `pid` (leader excluded), by PID.
+
+    Descendants are followed through parent PIDs even if they left the group; group members even if their parent
+    died (reparented). Each value is a psutil handle, so a later signal never reaches a recycled PID.
+    """
+    live: dict[int, psutil.Process] = {}
     children: dict[int, list[int]] = {}
-    stats: dict[int, tuple[str, int, int, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _proc_stat(int(entry.name))
-            if st is not None and st[0] not in ("Z", "X", "x"):
-                stats[int(entry.name)] = st
-                children.setdefault(st[1], []).append(int(entry.name))
-    found: dict[int, int] = {p: st[3] for p, st in stats.items() if st[2] == pid and p != pid}
+    for proc in psutil.process_iter(["ppid", "status"]):
+        if proc.info["status"] in _GONE or proc.info["ppid"] is None:
+            continue
+        live[proc.pid] = proc
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    found = {p: proc for p, proc in live.items() if p != pid and _pgid(p) == pid}
     todo = list(children.get(pid, []))
     while todo:
         p = todo.pop()
-        if p in stats and p not in found:
-            found[p] = stats[p][3]
+        if p in live and p not in found:
+            found[p] = live[p]
             todo.extend(children.get(p, []))
     return found
-
-
-def _alive_same(pid: int, start_time: int) -> bool:
-    st = _proc_stat(pid)
-    return st is not None and st[3] == start_time and st[0] not in ("Z", "X", "x")
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -227,23 +253,19 @@ def _terminate_tree(pid: int, leader_gone: Callable[[float], bool], timeout: flo
             os.kill(pid, signal.SIGKILL)
         leader_gone(5.0)
     tracked.update(process_tree(pid))  # group members still around (the leader may have forked during shutdown)
-    left = {p: t for p, t in tracked.items() if _alive_same(p, t)}
-    for p, t in left.items():
-        st = _proc_stat(p)
-        if st is not None and st[2] != pid and st[3] == t:  # left the group: signal it on its own
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
+    left = {p: proc for p, proc in tracked.items() if _running(proc)}
+    for p, proc in left.items():
+        if _pgid(p) != pid:  # left the group: signal it on its own
+            _signal(proc, sig)
     grace = time.monotonic() + max(1.0, min(5.0, deadline - time.monotonic()))
     while left and time.monotonic() < grace:
         time.sleep(POLL_INTERVAL)
-        left = {p: t for p, t in left.items() if _alive_same(p, t)}
+        left = {p: proc for p, proc in left.items() if _running(proc)}
     if left:
         log.warning("killing leftover processes of %d: %s", pid, sorted(left))
         _kill_group(pid, signal.SIGKILL)
-        for p, t in left.items():
-            if _alive_same(p, t):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(p, signal.SIGKILL)
+        for proc in left.values():
+            _signal(proc, signal.SIGKILL)
 
 
 # --- readiness checks -----------------------------------------------------------------------------------------
@@ -304,40 +326,9 @@ def all_of(*checks: ReadyCheck) -> ReadyCheck:
     """Ready when every check is, evaluated in order (a later, costly check runs only once the earlier pass)."""
 
     def check() -> bool:
-        return all(_call_check(c) for c in checks)
+        return all(c() for c in checks)
 
     return check
-
-
-def _run_coroutine_blocking(aw: Awaitable[Any]) -> Any:
-    async def runner() -> Any:
-        return await aw
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(runner())
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(runner())
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=target, name="ready-check", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def _call_check(check: ReadyCheck) -> bool:
-    result = check()
-    if inspect.isawaitable(result):
-        result = _run_coroutine_blocking(result)
-    return bool(result)
 
 
 # --- spawning -------------------------------------------------------------------------------------------------
@@ -512,7 +503,7 @@ class ManagedProcess:
         return ProcessStartError(self.name, reason, self.returncode, self.log_path, self.log_tail())
 
     def wait_ready(self, check: ReadyCheck, timeout: float = 30.0, interval: float = POLL_INTERVAL) -> float:
-        """Poll `check` (sync or async; an exception counts as not ready) until it passes; seconds it took.
+        """Poll `check` (an exception counts as not ready) until it passes; seconds it took.
 
         If the process exits first, or `timeout` passes, the process is stopped and `ProcessStartError` raised.
         Any other interruption (KeyboardInterrupt...) also stops the process before propagating.
@@ -526,7 +517,7 @@ class ManagedProcess:
                 if not self.alive():
                     raise self._failed("exited during start")
                 try:
-                    if _call_check(check):
+                    if check():
                         return time.monotonic() - t0
                     last_error = None
                 except Exception as e:
@@ -540,42 +531,6 @@ class ManagedProcess:
                 time.sleep(interval)
         except BaseException:
             self.stop()
-            raise
-
-    async def await_ready(self, check: ReadyCheck, timeout: float = 30.0, interval: float = POLL_INTERVAL) -> float:
-        """`wait_ready` for async code: never blocks the event loop (sync checks run in a thread)."""
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} is not started")
-        t0 = time.monotonic()
-        last_error: BaseException | None = None
-
-        async def once() -> bool:
-            if inspect.iscoroutinefunction(check):
-                return bool(await check())
-            result = await asyncio.to_thread(check)
-            if inspect.isawaitable(result):
-                result = await result
-            return bool(result)
-
-        try:
-            while True:
-                if not self.alive():
-                    raise self._failed("exited during start")
-                try:
-                    if await once():
-                        return time.monotonic() - t0
-                    last_error = None
-                except Exception as e:
-                    last_error = e
-                if not self.alive():
-                    raise self._failed("exited during start")
-                if time.monotonic() - t0 > timeout:
-                    await asyncio.to_thread(self.stop)
-                    why = f"; last check error: {last_error!r}" if last_error else ""
-                    raise self._failed(f"not ready after {timeout:.1f}s, stopped it{why}")
-                await asyncio.sleep(interval)
-        except BaseException:
-            await asyncio.shield(asyncio.to_thread(self.stop))
             raise
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -641,7 +596,7 @@ class Component:
             self.state = "stopped"
 
     def to_state(self) -> dict[str, Any]:
-        """What a state file keeps, including what proves the PID is still this process."""
+        """What a state file keeps, including what proves the PID is still this process (`process_identity`)."""
         pid = self.pid
         return {
             "pid": pid,
@@ -650,9 +605,7 @@ class Component:
             "state": self.state,
             "urls": self.urls,
             "ports": self.ports,
-            "start_time": process_start_time(pid) if pid else None,
-            "cmdline": process_cmdline(pid) if pid else None,
-            "exe": _process_exe(pid) if pid else None,
+            **(process_identity(pid) if pid else {"start_time": None, "cmdline": None, "exe": None}),
         }
 
 
@@ -705,7 +658,7 @@ def start_component(
 class ProcessGroup:
     """Components started in order and stopped in reverse order: on exit, on error, at exit, on signals.
 
-    Usable as `with` and `async with`. `state_file` (optional) gets `{name: {pid, address, log, ...}}`,
+    Usable as `with`. `state_file` (optional) gets `{name: {pid, address, log, ...}}`,
     rewritten as components come and go and removed when the group is closed.
     """
 
@@ -774,50 +727,14 @@ class ProcessGroup:
             self.write_state()
         return component
 
-    async def astart(
-        self,
-        process: ManagedProcess,
-        check: ReadyCheck,
-        *,
-        address: str,
-        urls: Mapping[str, str] | None = None,
-        ports: Mapping[str, int] | None = None,
-        timeout: float = 30.0,
-    ) -> Component:
-        """`start` for async code; the event loop keeps running while the process becomes ready."""
-        process.start()
-        component = Component(
-            name=process.name,
-            address=address,
-            pid=process.pid,
-            log_path=process.log_path,
-            urls=dict(urls or {}),
-            ports=dict(ports or {}),
-            process=process,
-        )
-        try:
-            self.add(component)
-            component.started_in = await process.await_ready(check, timeout)
-            component.state = "ready"
-        except BaseException:
-            component.state = "failed"
-            await asyncio.shield(asyncio.to_thread(process.stop))
-            raise
-        finally:
-            self.write_state()
-        return component
-
     # state file
 
     def write_state(self) -> None:
         if self.state_file is None:
             return
         with self._lock:
-            owner = {
-                "pid": os.getpid(),
-                "start_time": process_start_time(os.getpid()),
-                "cmdline": process_cmdline(os.getpid()),
-            }
+            me = process_identity(os.getpid())
+            owner = {"pid": os.getpid(), "start_time": me["start_time"], "cmdline": me["cmdline"]}
             data = {c.name: {**c.to_state(), "owner": owner} for c in self._components if c.state != "stopped"}
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
@@ -882,14 +799,6 @@ class ProcessGroup:
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await asyncio.shield(asyncio.to_thread(self.close))
-
 
 # --- stopping a group from another process --------------------------------------------------------------------
 
@@ -913,31 +822,40 @@ def _state_owned_by_me(path: Path) -> bool:
     return all((entry.get("owner") or {}).get("pid") in (None, os.getpid()) for entry in data.values())
 
 
-def same_process(pid: int, start_time: int | None, cmdline: Sequence[str] | None, exe: str | None = None) -> bool:
-    """True if `pid` is alive and still the process that was recorded (never trust a bare, maybe recycled, PID).
+def recorded_process(
+    pid: int, start_time: float | None, cmdline: Sequence[str] | None, exe: str | None = None
+) -> psutil.Process | None:
+    """A psutil handle on `pid` if it is alive and still the process that was recorded, else None (never trust a
+    bare, maybe recycled, PID). Signals through the handle never reach a later process with the same PID.
 
-    The start time must match when it was recorded; the command line must match, or (for servers that rewrite
-    their process title, like redis-server) the executable.
+    The start time must match (within `START_TIME_TOLERANCE`) when it was recorded; the command line must match,
+    or (for servers that rewrite their process title, like redis-server) the executable.
     """
-    st = _proc_stat(pid)
-    if st is None or st[0] in ("Z", "X", "x"):
-        return False
-    if start_time is not None and st[3] != start_time:
-        return False
-    if cmdline is not None and process_cmdline(pid) == list(cmdline):
-        return True
-    return exe is not None and _process_exe(pid) == exe
+    try:
+        proc = psutil.Process(pid)
+        if start_time is not None and abs(proc.create_time() - _recorded_start(start_time)) > START_TIME_TOLERANCE:
+            return None
+    except psutil.Error:
+        return None
+    if not _running(proc):
+        return None
+    if cmdline is not None and _cmdline(proc) == list(cmdline):
+        return proc
+    return proc if exe is not None and _exe(proc) == exe else None
 
 
-def _wait_gone(pid: int, start_time: int | None, seconds: float) -> bool:
+def same_process(pid: int, start_time: float | None, cmdline: Sequence[str] | None, exe: str | None = None) -> bool:
+    """True if `pid` is alive and still the process that was recorded (see `recorded_process`)."""
+    return recorded_process(pid, start_time, cmdline, exe) is not None
+
+
+def _wait_gone(proc: psutil.Process, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while True:
-        st = _proc_stat(pid)
-        if st is None or st[0] in ("Z", "X", "x") or (start_time is not None and st[3] != start_time):
-            return True
+    while _running(proc):
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL_INTERVAL)
+    return True
 
 
 def stop_from_state(path: str | os.PathLike[str], timeout: float = 10.0, *, stop_owner: bool = True) -> dict[str, str]:
@@ -946,7 +864,7 @@ def stop_from_state(path: str | os.PathLike[str], timeout: float = 10.0, *, stop
     With `stop_owner`, the process that owns the group (e.g. a backgrounded `fleet infra up`) gets SIGTERM
     first, so it can shut down cleanly; whatever is still running afterwards is stopped here, in reverse order:
     SIGTERM to the process group, SIGKILL after `timeout`. A PID is only signalled after checking (through
-    /proc: start time, command line) that it is still the recorded process. The file is removed at the end.
+    psutil: start time, command line) that it is still the recorded process. The file is removed at the end.
     """
     path = Path(path)
     entries = read_state(path)
@@ -956,38 +874,36 @@ def stop_from_state(path: str | os.PathLike[str], timeout: float = 10.0, *, stop
             (e["owner"]["pid"], e["owner"].get("start_time")): e["owner"] for e in entries.values() if e.get("owner")
         }
         for (opid, ostart), owner in owners.items():
-            if opid == os.getpid() or not same_process(opid, ostart, owner.get("cmdline")):
+            owner_proc = None if opid == os.getpid() else recorded_process(opid, ostart, owner.get("cmdline"))
+            if owner_proc is None:
                 continue
             log.info("stopping owner pid %d", opid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(opid, signal.SIGTERM)
-            if not _wait_gone(opid, ostart, timeout):
+            _signal(owner_proc, signal.SIGTERM)
+            if not _wait_gone(owner_proc, timeout):
                 log.warning("owner pid %d still running after %.1fs; stopping its components directly", opid, timeout)
     for name, entry in reversed(list(entries.items())):
         pid = entry.get("pid")
         if not pid:
             outcome[name] = "no pid"
             continue
-        start = entry.get("start_time")
-        if not same_process(pid, start, entry.get("cmdline"), entry.get("exe")):
+        proc = recorded_process(pid, entry.get("start_time"), entry.get("cmdline"), entry.get("exe"))
+        if proc is None:
             if pid_alive(pid):
                 outcome[name] = f"not running (pid {pid} is now another process: left alone)"
             else:
                 outcome[name] = "not running"
             continue
-        try:
-            is_leader = os.getpgid(pid) == pid
-        except ProcessLookupError:
+        pgid = _pgid(pid)
+        if pgid is None:
             outcome[name] = "not running"
             continue
-        if is_leader:
-            _terminate_tree(pid, lambda s, p=pid, t=start: _wait_gone(p, t, s), timeout)
+        if pgid == pid:
+            _terminate_tree(pid, lambda s, p=proc: _wait_gone(p, s), timeout)
         else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not _wait_gone(pid, start, timeout) and same_process(pid, start, entry.get("cmdline"), entry.get("exe")):
-                os.kill(pid, signal.SIGKILL)
-                _wait_gone(pid, start, 5.0)
+            _signal(proc, signal.SIGTERM)
+            if not _wait_gone(proc, timeout):
+                _signal(proc, signal.SIGKILL)
+                _wait_gone(proc, 5.0)
         outcome[name] = "stopped"
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

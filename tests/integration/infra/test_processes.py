@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+import psutil
 import pytest
 from infra_helpers import wait_gone
 
@@ -26,8 +26,7 @@ from services.local.processes import (
     http_ok,
     pid_alive,
     port_is_free,
-    process_cmdline,
-    process_start_time,
+    process_identity,
     process_tree,
     same_process,
     stop_from_state,
@@ -85,7 +84,7 @@ def test_child_dies_with_its_parent_unless_told_otherwise(tmp_path: Path) -> Non
     bound, free = int(parent.stdout.readline()), int(parent.stdout.readline())
     try:
         assert pid_alive(bound) and pid_alive(free)
-        assert process_cmdline(bound) == ["sleep", "60"]  # setpriv exec'd the real program in place
+        assert psutil.Process(bound).cmdline() == ["sleep", "60"]  # setpriv exec'd the real program in place
         parent.kill()
         parent.wait()
         wait_gone(bound)  # got SIGTERM when its parent died
@@ -131,7 +130,12 @@ def test_not_ready_in_time_stops_the_process_and_says_why(tmp_path: Path) -> Non
 def test_stop_reaches_the_whole_tree_even_children_that_left_the_group(tmp_path: Path) -> None:
     script = "sleep 60 & sleep 60 & setsid sleep 60 & wait"
     proc = ManagedProcess("tree", ["sh", "-c", script], log_dir=tmp_path).start()
-    proc.wait_ready(lambda: len(process_tree(proc.pid)) >= 3, timeout=10)  # type: ignore[arg-type]
+
+    def started() -> bool:  # all three children forked, and the setsid one already in a group of its own
+        members = process_tree(proc.pid)  # type: ignore[arg-type]
+        return len(members) >= 3 and any(os.getpgid(p) != proc.pid for p in members)
+
+    proc.wait_ready(started, timeout=10)
     members = process_tree(proc.pid)  # type: ignore[arg-type]
     assert any(os.getpgid(p) != proc.pid for p in members)  # the setsid one is in a group of its own
     proc.stop(timeout=5)
@@ -152,26 +156,14 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path: Path) -> No
         wait_gone(pid)  # type: ignore[arg-type]
 
 
-async def test_async_checks_work_from_sync_and_async_waits(tmp_path: Path) -> None:
+def test_http_check_waits_for_a_real_server_and_stop_frees_its_ports(tmp_path: Path) -> None:
     port, monitor = free_port(), free_port()
     argv = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path), "-m", str(monitor)]
-    url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
-
-    async def healthy() -> bool:
-        async with httpx.AsyncClient(timeout=1) as client:
-            return (await client.get(url)).status_code == 200
-
-    first = ManagedProcess("nats-a", argv, log_dir=tmp_path).start()
+    proc = ManagedProcess("nats", argv, log_dir=tmp_path).start()
     try:
-        assert first.wait_ready(healthy, timeout=10) < 10  # async check, sync wait, inside a running loop
+        assert proc.wait_ready(http_ok(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"), timeout=10) < 10
     finally:
-        first.stop()
-    second = ManagedProcess("nats-b", argv, log_dir=tmp_path).start()
-    try:
-        await second.await_ready(healthy, timeout=10)  # async check, async wait
-        await second.await_ready(http_ok(url), timeout=10)  # sync check, async wait (runs in a thread)
-    finally:
-        second.stop()
+        proc.stop()
     assert port_is_free(port) and port_is_free(monitor)
 
 
@@ -229,16 +221,26 @@ def test_group_signal_handler_stops_everything_then_chains(tmp_path: Path) -> No
         signal.signal(signal.SIGUSR1, previous)
 
 
+def _proc_start_tick(pid: int) -> int:
+    """/proc's start time of `pid` (clock ticks since boot): what state files recorded before psutil."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
 def test_stop_from_state_leaves_a_recycled_pid_alone(tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         assert wait_exec(bystander.pid, ["sleep", "60"])
         state = tmp_path / "state.json"
-        start = process_start_time(bystander.pid)
+        identity = process_identity(bystander.pid)
+        start, tick = identity["start_time"], _proc_start_tick(bystander.pid)
+        assert identity["cmdline"] == ["sleep", "60"] and isinstance(start, float)
+        assert same_process(bystander.pid, start, ["sleep", "60"])
+        assert same_process(bystander.pid, tick, ["sleep", "60"])  # an older state file's /proc ticks still match
         state.write_text(
             json.dumps(
                 {
-                    "old-server": {"pid": bystander.pid, "start_time": (start or 0) - 1, "cmdline": ["sleep", "60"]},
+                    "old-server": {"pid": bystander.pid, "start_time": start - 10, "cmdline": ["sleep", "60"]},
+                    "old-file": {"pid": bystander.pid, "start_time": tick - 1000, "cmdline": ["sleep", "60"]},
                     "other-command": {"pid": bystander.pid, "start_time": start, "cmdline": ["valkey-server"]},
                 }
             )
@@ -251,6 +253,7 @@ def test_stop_from_state_leaves_a_recycled_pid_alone(tmp_path: Path) -> None:
         bystander.kill()
         bystander.wait()
     assert not pid_alive(bystander.pid)
+    assert not same_process(bystander.pid, start, ["sleep", "60"])
 
 
 def test_component_record_for_a_table() -> None:
