@@ -2,7 +2,7 @@
 
     make bench-deliberation     (or: python -m bench.bench_deliberation --delay-ms 200 --repeats 3)
 
-A real orchestrator (in-process executor) on real NATS + Valkey, over gRPC, as users call it. Two measurements:
+A real orchestrator (in-process executor) on real NATS + Valkey, over gRPC, as users call it. Three measurements:
   1. one deliberation (`Deliberate`, 3 agents, 1 review round): wall time ÷ its critical path of LLM calls.
      The engine's LLM phases run one after another and the calls inside a phase concurrently, so the critical
      path is (number of LLM phases that made calls) × the server's fixed delay. Goal ≤ 1.05.
@@ -34,11 +34,11 @@ from services.common import events as ev
 from services.common.bus import EventBus, provision_streams
 from services.local.demo import SLUGIFY_TESTS
 from services.local.infra import LocalInfra
-from services.local.openai_server import start_openai_server
 from services.orchestrator.main import start
 from services.orchestrator.settings import OrchestratorSettings
 from services.sandbox.main import start as start_sandbox
 from services.sandbox.settings import SandboxSettings
+from tests.openai_server import start_openai_server
 
 SLUGIFY = (
     "```python\nimport re\n\n\ndef slugify(title):\n    return '-'.join(re.findall(r'[a-z0-9]+', title.lower()))\n```\n"
