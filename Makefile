@@ -67,6 +67,12 @@ bench-ray: $(STAMP) ## Ray overhead per deliberation: in-process vs Ray executor
 bench-sandbox: $(STAMP) ## Sandbox overhead: a trivial pytest run through the warm service vs a plain subprocess
 	$(PY) -m bench.bench_sandbox
 
+bench-prompts: llm ## Council GENERATE prompt vs a plain prompt on SmolLM2-135M (real vLLM): HumanEval 40 + the demo task
+	$(PY) -m bench.bench_prompts
+
+bench-quality: llm ## Does the council beat one agent? fleet eval, 4 modes at equal budget, HumanEval's first 15 on SmolLM2-135M (real vLLM, ~25 min)
+	$(PY) -m bench.bench_quality --limit 15 --max-tokens 384 --concurrency 4 --seed 0
+
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*
 
@@ -86,4 +92,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox infra llm clean distclean images
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images
