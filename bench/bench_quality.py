@@ -109,7 +109,9 @@ def main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limit", type=int, default=15, help="HumanEval's first N problems (~1.5 min each here, four modes)")
+    p.add_argument(
+        "--limit", type=int, default=15, help="HumanEval's first N problems (~1.5 min each here, four modes)"
+    )
     p.add_argument("--max-tokens", type=int, default=384, help="per LLM call, every mode")
     p.add_argument("--concurrency", type=int, default=4, help="(problem, mode) jobs at once")
     p.add_argument("--seed", type=int, default=0)

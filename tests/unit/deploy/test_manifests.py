@@ -77,7 +77,7 @@ SERVICES: dict[str, dict[str, Any]] = {
         "also": {"SANDBOX_ISOLATION"},
     },
 }
-# DESIGN.md: `fleet.sandbox.v1.Sandbox` on gRPC :50057 (the proto names no port; the manifests follow the code's
+# The contract: `fleet.sandbox.v1.Sandbox` on gRPC :50057 (README) (the proto names no port; the manifests follow the code's
 # default, services/sandbox/settings.py, and a test keeps the two equal).
 SANDBOX_DESIGN_PORT = 50057
 # Who calls the sandbox (SANDBOX_ADDRESS): the orchestrator and the ray-executor's driver, never the Ray workers.
@@ -1275,7 +1275,7 @@ def sandbox_template(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_sandbox_port_is_the_designed_one():
-    """The code's default and DESIGN.md's port agree (the manifests are checked against the code's)."""
+    """The code's default and the documented port agree (the manifests are checked against the code's)."""
     assert sandbox_port() == SANDBOX_DESIGN_PORT
 
 
