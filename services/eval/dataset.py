@@ -89,6 +89,8 @@ class Problem:
         preamble = f"{self.preamble}\n\n\n" if self.preamble else ""
         return (
             f"{preamble}{self.test.strip()}\n\n\ndef test_hidden():\n"
+            # global: some checks call the function by its own name too (HumanEval/33), as in HumanEval's program
+            f"    global {self.entry_point}\n"
             f"    from solution import {self.entry_point}\n\n    check({self.entry_point})\n"
         )
 

@@ -133,7 +133,7 @@ def select(problems: Sequence[Problem], ids: Sequence[str], limit: int) -> list[
     return list(problems[:limit] if limit else problems)
 
 
-class _Bounded:
+class BoundedSandbox:
     """The sandbox with at most `n` of this run's executions in flight (it queues the rest itself, up to a point)."""
 
     def __init__(self, sandbox: Sandbox, n: int) -> None:
@@ -200,7 +200,7 @@ async def run_eval(config: EvalConfig, progress: Progress) -> EvalResult:
     progress.say(f"model: {endpoints.describe('llm_model')}")
 
     sandbox_client = SandboxClient(endpoints.sandbox)
-    sandbox = _Bounded(sandbox_client, config.sandbox_slots)
+    sandbox = BoundedSandbox(sandbox_client, config.sandbox_slots)
     llm = VLLMClient(endpoints.llm_url, endpoints.llm_model, timeout=900.0, max_retries=2)
     orchestrator = OrchestratorClient(endpoints.orchestrator) if set(wanted) & set(COUNCIL_MODES) else None
     try:
