@@ -109,7 +109,7 @@ def llm_server() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The sandbox service (`fleet serve sandbox`: real bwrap, 2 slots) for the whole session, stopped by PID;
+    """The sandbox service (`fleet serve sandbox`: real bwrap, its default slots) for the whole session, stopped by PID;
     afterwards nothing of its executions may be left (tests/integration/sandbox/conftest.py)."""
     from sandbox_service import start_sandbox, stop_sandbox
 

@@ -5,10 +5,12 @@ tests/conftest.py (the session's sandbox) and the sandbox's own tests."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from services.common.execution import Execution
 from services.common.sandbox import SERVICE_NAME, SandboxClient
 from services.local.fleet import grpc_serving
 from services.local.processes import ManagedProcess, free_port, start_component
+from services.sandbox.settings import SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_VAR, SECRET = "FLEET_SECRET_PROBE", "s3cr3t-7f3a9c-never-inside"
@@ -57,15 +60,43 @@ class Sandbox:
     def client(self, **options: object) -> SandboxClient:
         return SandboxClient(self.address, **options)  # type: ignore[arg-type]
 
+    def warm(self) -> set[int]:
+        """The slots' warm processes (started ahead of an execution, waiting for it): children of the service whose
+        tree is only the wrappers, bwrap and at most one interpreter running inside.py; at most one per slot."""
+        trees = []
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children():
+                tree = [child, *child.children(recursive=True)]
+                pythons = [p for p in tree if p.name().startswith("python")]
+                if len(pythons) <= 1 and all(p.name() in WARM_NAMES or p in pythons for p in tree):
+                    if all("inside.py" in " ".join(p.cmdline()) for p in pythons):
+                        trees.append({p.pid for p in tree})
+        return set().union(*trees) if len(trees) <= self.slots else set()
+
     def leftovers(self) -> list[str]:
-        """Processes of its executions still alive: children of the service, or of the slots' uids."""
+        """Processes of its executions still alive: children of the service, or of the slots' uids (the slots'
+        warm processes aside: they are waiting for an execution, not left by one). A slot's next warm process
+        starts as its last execution ends: what is found is looked at again for up to a second, to let one that
+        was starting be recognised."""
+        deadline = time.monotonic() + 1.0
+        while (found := self._leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
+
+    def _leftovers(self) -> list[str]:
         found = []
+        warm = self.warm() if self.process.alive() else set()
         if self.process.alive():
-            found += [f"{p.pid} (child)" for p in psutil.Process(self.process.pid).children(recursive=True)]
+            found += [
+                f"{p.pid} (child)"
+                for p in psutil.Process(self.process.pid).children(recursive=True)
+                if p.pid not in warm
+            ]
         uids = range(self.uid_base, self.uid_base + self.slots)
         for p in psutil.process_iter(["uids", "name", "status"]):
             if p.info["uids"] and p.info["uids"].real in uids and p.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(f"{p.pid} {p.info['name']} (uid {p.info['uids'].real})")
+                if p.pid not in warm:
+                    found.append(f"{p.pid} {p.info['name']} (uid {p.info['uids'].real})")
         return found
 
     async def serving(self) -> bool:
@@ -74,6 +105,9 @@ class Sandbox:
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5
             )
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+WARM_NAMES = {"setpriv", "prlimit", "bwrap"}  # what a warm process is before and around its interpreter
 
 
 def start_sandbox(base: Path, uid_base: int, *, as_user: int | None = None, **env: str) -> Sandbox:
@@ -109,7 +143,13 @@ def start_sandbox(base: Path, uid_base: int, *, as_user: int | None = None, **en
         cwd=ROOT,
     )
     start_component(process, grpc_serving(f"127.0.0.1:{port}"), address=f"127.0.0.1:{port}", timeout=60)
-    return Sandbox(process, port, tmp, uid_base, int(env.get("SANDBOX_CONCURRENCY", "2")))
+    return Sandbox(
+        process,
+        port,
+        tmp,
+        uid_base,
+        int(env.get("SANDBOX_CONCURRENCY", SandboxSettings.model_fields["sandbox_concurrency"].default)),
+    )
 
 
 def stop_sandbox(sandbox: Sandbox) -> None:

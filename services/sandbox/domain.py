@@ -44,11 +44,12 @@ class Limits:
     @classmethod
     def of(cls, execution: Execution) -> Limits:
         """The limits of a validated execution (its timeout and memory already defaulted)."""
-        return cls(
-            timeout_seconds=execution.timeout_seconds,
-            memory_mb=execution.memory_mb,
-            cpu_seconds=math.ceil(execution.timeout_seconds) + 1,
-        )
+        return cls.at(execution.timeout_seconds, execution.memory_mb)
+
+    @classmethod
+    def at(cls, timeout_seconds: float, memory_mb: int) -> Limits:
+        """The limits of an execution with this timeout and memory (the service's maxima give the largest)."""
+        return cls(timeout_seconds=timeout_seconds, memory_mb=memory_mb, cpu_seconds=math.ceil(timeout_seconds) + 1)
 
 
 class Stop(StrEnum):

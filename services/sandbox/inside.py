@@ -1,9 +1,13 @@
 """The small trusted script that runs INSIDE the sandbox (standard library and pytest only; the service never
 imports it, it runs it as a file):
 
-    python -s inside.py REPORT_FD        stdin: {"files": {...}, "test_files": {...}, "entrypoint": "..."}
+    python -s inside.py REPORT_FD        stdin: {"files": {...}, "test_files": {...}, "entrypoint": "...",
+                                                 "limits": {"memory_bytes": N, "cpu_seconds": N}}
 
-It writes the files into the current directory (the work dir), then either runs pytest in-process on the test
+It imports pytest first, then waits for its execution on stdin (the service starts it ahead of the execution, under
+the largest limits an execution may have). Once the execution is read, it lowers its address-space and CPU limits
+to the execution's own, soft and hard (a process cannot raise a hard limit again), before any of the execution's
+code exists. Then it writes the files into the current directory (the work dir), then either runs pytest in-process on the test
 files, with a tiny plugin that records each test's node id, outcome and message, or runs the entrypoint as
 `__main__` (runpy). The report goes as JSON to the inherited file descriptor REPORT_FD, a pipe the service reads:
 {"kind": "pytest" | "script", "exit_code": N, "cases": [{"name", "outcome", "message"}]}. Then it exits at once
@@ -12,9 +16,15 @@ files, with a tiny plugin that records each test's node id, outcome and message,
 
 import json
 import os
+import resource
 import runpy
 import sys
 import traceback
+
+try:
+    import pytest  # before the execution arrives: the import is most of a test run's start-up
+except ImportError:  # a script-only interpreter: run_pytest says so
+    pytest = None
 
 MESSAGE_CHARS = 500
 PYTEST_ARGS = ["-q", "--color=no", "--tb=short", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
@@ -62,8 +72,8 @@ class Collector:
 
 
 def run_pytest(test_files: list) -> dict:
-    import pytest
-
+    if pytest is None:
+        raise RuntimeError("pytest is not importable in the sandbox")
     collector = Collector()
     code = pytest.main([*test_files, "--rootdir", os.getcwd(), *PYTEST_ARGS], plugins=[collector])
     return {"kind": "pytest", "exit_code": int(code), "cases": collector.cases}
@@ -90,10 +100,26 @@ def run_script(entrypoint: str) -> dict:
     return {"kind": "script", "exit_code": code, "cases": []}
 
 
+def limit(limits: dict) -> None:
+    """Lower the address space to `memory_bytes` and the process's CPU time (counted from its start, pytest's
+    import included, as before it waited) to `cpu_seconds` (SIGXCPU past it, SIGKILL a second later), soft and
+    hard: the code that runs next cannot raise them again. Never above the limits the process started with. Fails
+    (and nothing runs) if it cannot."""
+    for which, soft, hard in (
+        (resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"]),
+        (resource.RLIMIT_CPU, limits["cpu_seconds"], limits["cpu_seconds"] + 1),
+    ):
+        _, now = resource.getrlimit(which)
+        if now != resource.RLIM_INFINITY:
+            soft, hard = min(soft, now), min(hard, now)
+        resource.setrlimit(which, (soft, hard))
+
+
 def main() -> None:
     report_fd = int(sys.argv[1])
     os.set_inheritable(report_fd, False)  # processes the code under test starts do not get it
     spec = json.loads(sys.stdin.buffer.read())
+    limit(spec["limits"])
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the code under test reads an empty stdin
     os.close(devnull)

@@ -24,7 +24,7 @@ from services.common.sandbox import SERVICE_NAME
 from services.sandbox.adapters.bwrap import INSIDE, SandboxRunner, find_bwrap
 from services.sandbox.adapters.grpc_api import SandboxServicer
 from services.sandbox.application import PROBE, SandboxService
-from services.sandbox.domain import trim
+from services.sandbox.domain import Limits, trim
 from services.sandbox.settings import SandboxSettings
 
 log = logging.getLogger("fleet.sandbox")
@@ -63,7 +63,7 @@ async def choose_runner(settings: SandboxSettings) -> SandboxRunner:
         result = await SandboxService(runner, concurrency=1, queue=0).execute(PROBE)
         if result.passed:
             return runner
-        runner.close()
+        await runner.close()
         why = f"{result.outcome.value}: {result.reason}"
         stderr = trim("\n".join(result.stderr.strip().splitlines()[-3:]), 400)
         tried.append(f"  {python}: {why}" + (f"\n    {stderr}" if stderr else ""))
@@ -100,7 +100,7 @@ class RunningSandbox:
     async def stop(self, grace: float = 5.0) -> None:
         """NOT_SERVING, let running executions finish within `grace` (then they are killed), clean up."""
         await self.server.stop(grace)
-        self.runner.close()
+        await self.runner.close()
 
 
 async def start(settings: SandboxSettings, *, host: str = "0.0.0.0") -> RunningSandbox:
@@ -120,8 +120,12 @@ async def start(settings: SandboxSettings, *, host: str = "0.0.0.0") -> RunningS
         )
         await server.start()
     except BaseException:
-        runner.close()
+        await runner.close()
         raise
+    # A process per slot waits, pytest imported, under the largest limits a request may ask for.
+    runner.warm(
+        Limits.at(settings.sandbox_max_timeout_seconds, settings.sandbox_max_memory_mb), settings.sandbox_concurrency
+    )
     if runner.isolation == "bwrap":
         log.warning("ISOLATION bwrap: executions run in bubblewrap namespaces, interpreter %s", runner.python)
     else:

@@ -20,7 +20,9 @@ class SandboxSettings(ServiceSettings):
     # bwrap: every execution in bubblewrap namespaces (no network, read-only system, private tmpfs work dir).
     # pod: no bwrap, for Kubernetes pods where it cannot create namespaces; the pod itself is the boundary.
     sandbox_isolation: Literal["bwrap", "pod"] = "bwrap"
-    sandbox_concurrency: int = Field(2, ge=1, le=64, description="executions running at once (slots)")
+    sandbox_concurrency: int = Field(
+        3, ge=1, le=64, description="executions running at once (slots): 3 runs a council's CHECK at once"
+    )
     sandbox_queue: int = Field(32, ge=0, le=10_000, description="executions waiting for a slot; more are refused")
     sandbox_max_timeout_seconds: float = Field(60.0, gt=0, le=600, description="the most a request may ask for")
     # The most address space one execution may ask for: concurrency x this must fit the pod's memory limit (a
