@@ -70,8 +70,8 @@ bench-sandbox: $(STAMP) ## Sandbox overhead: a trivial pytest run through the wa
 bench-prompts: llm ## Council GENERATE prompt vs a plain prompt on SmolLM2-135M (real vLLM): HumanEval 40 + the demo task
 	$(PY) -m bench.bench_prompts
 
-bench-quality: llm ## Does the council beat one agent? fleet eval, 4 modes at equal budget, HumanEval's first 15 on SmolLM2-135M (real vLLM, ~25 min)
-	$(PY) -m bench.bench_quality --limit 15 --max-tokens 384 --concurrency 4 --seed 0
+bench-quality: llm ## Does the council beat one agent? fleet eval, 4 modes at equal budget, HumanEval's first 35 on SmolLM2-135M (real vLLM, ~40 min)
+	$(PY) -m bench.bench_quality --limit 35 --max-tokens 384 --concurrency 4 --seed 0
 
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*

@@ -2,7 +2,7 @@
 problems with SmolLM2-135M served by the real vLLM (CPU), all four modes, self-consistency's k matched to the
 council's measured tokens, fixed seeds.
 
-    make bench-quality     (or: python -m bench.bench_quality --limit 15 --max-tokens 384 --concurrency 4)
+    make bench-quality     (or: python -m bench.bench_quality --limit 35 --max-tokens 384 --concurrency 4)
 
 The fleet is the local one `fleet up --executor in-process` starts (services/local/fleet.py): NATS, Valkey,
 FalkorDB, vLLM, the sandbox, context, orchestrator and monitoring on loopback ports, agent calls run by the
@@ -109,9 +109,7 @@ def main(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--limit", type=int, default=15, help="HumanEval's first N problems (~1.5 min each here, four modes)"
-    )
+    p.add_argument("--limit", type=int, default=35, help="HumanEval's first N problems (~1 min each here, four modes)")
     p.add_argument("--max-tokens", type=int, default=384, help="per LLM call, every mode")
     p.add_argument("--concurrency", type=int, default=4, help="(problem, mode) jobs at once")
     p.add_argument("--seed", type=int, default=0)
