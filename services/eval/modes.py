@@ -177,14 +177,16 @@ def choose(samples: Sequence[Sample]) -> int:
     return min(range(len(samples)), key=rank)
 
 
+def execution(code: str, test_files: dict[str, str], timeout_seconds: float) -> Execution:
+    """`code` as solution.py against `test_files`, in the sandbox, under the eval's memory limit."""
+    return Execution(
+        files={SOLUTION: code}, test_files=test_files, timeout_seconds=timeout_seconds, memory_mb=MEMORY_MB
+    )
+
+
 def visible_execution(problem: Problem, code: str, timeout_seconds: float) -> Execution:
     """The code against the visible tests, as the council's CHECK runs them (grounding.ProposalChecker)."""
-    return Execution(
-        files={SOLUTION: code},
-        test_files={TASK_TESTS: problem.visible_tests},
-        timeout_seconds=timeout_seconds,
-        memory_mb=MEMORY_MB,
-    )
+    return execution(code, {TASK_TESTS: problem.visible_tests}, timeout_seconds)
 
 
 def visible_passed(result: ExecutionResult) -> int:
@@ -283,12 +285,7 @@ class Score:
 
 
 def hidden_execution(problem: Problem, code: str, timeout_seconds: float) -> Execution:
-    return Execution(
-        files={SOLUTION: code},
-        test_files={HIDDEN_TESTS: problem.hidden_tests},
-        timeout_seconds=timeout_seconds,
-        memory_mb=MEMORY_MB,
-    )
+    return execution(code, {HIDDEN_TESTS: problem.hidden_tests}, timeout_seconds)
 
 
 def _why(result: ExecutionResult) -> str:

@@ -23,10 +23,10 @@ from services.common.errors import FleetError
 from services.common.execution import Execution, ExecutionResult, Outcome
 from services.common.llm import VLLMClient
 from services.common.sandbox import SandboxClient
-from services.deliberation.grounding import SOLUTION, TASK_TESTS, Sandbox
+from services.deliberation.grounding import TASK_TESTS, Sandbox
 from services.eval import modes
 from services.eval.dataset import Dataset, EvalError, Problem, fingerprint
-from services.eval.modes import COUNCIL_MODES, HIDDEN_TESTS, MEMORY_MB, Answer, Mode
+from services.eval.modes import COUNCIL_MODES, HIDDEN_TESTS, Answer, Mode
 from services.eval.orchestrator import OrchestratorClient
 from services.eval.records import Record, RecordStore
 from services.eval.report import Report, comparisons, markdown, plot, summarize
@@ -154,11 +154,8 @@ async def calibrate(sandbox: Sandbox, problems: Sequence[Problem], timeout: floa
         if not p.reference:
             return p, f"{p.problem_id}: no canonical solution, its visible tests are not checked"
         files = {HIDDEN_TESTS: p.hidden_tests, **({TASK_TESTS: p.visible_tests} if p.examples else {})}
-        execution = Execution(
-            files={SOLUTION: p.reference}, test_files=files, timeout_seconds=timeout, memory_mb=MEMORY_MB
-        )
         try:
-            result = await sandbox.execute(execution)
+            result = await sandbox.execute(modes.execution(p.reference, files, timeout))
         except FleetError as e:
             raise EvalError(f"the sandbox could not run {p.problem_id}'s reference solution: {e.message}") from None
         cases = result.tests.cases
