@@ -27,7 +27,7 @@ from services.context.adapters.grpc_api import ContextServicer
 from services.context.adapters.tokenizer import make_counter
 from services.context.adapters.valkey import ContextState
 from services.context.application import ContextService
-from services.context.domain import Budget, TokenCounter
+from services.context.rendering import Budget, TokenCounter
 from services.context.settings import ContextSettings
 
 log = logging.getLogger("fleet.context")

@@ -17,11 +17,11 @@ from services.context.domain import (
     DecisionStatus,
     Milestone,
     Operation,
-    RenderedContext,
     Task,
     TaskStatus,
     check_id,
 )
+from services.context.rendering import RenderedContext
 
 OPERATIONS = {
     pb.OPERATION_CREATE: Operation.CREATE,

@@ -11,7 +11,7 @@ import logging
 from functools import lru_cache
 from typing import Any
 
-from services.context.domain import CharEstimate, TokenCounter
+from services.context.rendering import CharEstimate, TokenCounter
 
 log = logging.getLogger("fleet.context.tokenizer")
 

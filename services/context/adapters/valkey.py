@@ -20,7 +20,8 @@ from dataclasses import asdict
 import valkey.asyncio as valkey_async
 
 from services.common.valkey import unavailable_on_errors
-from services.context.domain import Milestone, RenderedContext, Summary
+from services.context.domain import Milestone, Summary
+from services.context.rendering import RenderedContext
 
 PREFIX = "fleet:ctx"
 

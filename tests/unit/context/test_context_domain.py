@@ -16,33 +16,35 @@ from services.context.adapters.grpc_api import change_from_proto
 from services.context.adapters.tokenizer import QwenBPE, make_counter
 from services.context.domain import (
     SCOPES,
-    Budget,
-    CharEstimate,
-    ContextRequest,
     Decision,
     DecisionStatus,
     Milestone,
     Operation,
     Plan,
     Proposal,
-    RenderedContext,
     Scope,
     Story,
     StorySnapshot,
-    SubtaskNotFound,
     Summary,
     Task,
-    assemble,
     check_scopes,
     plan_chain,
-    proposal_candidates,
     redact,
     scopes_for,
-    select,
     story_version,
     supersession,
     title_from,
     with_versions,
+)
+from services.context.rendering import (
+    Budget,
+    CharEstimate,
+    ContextRequest,
+    RenderedContext,
+    SubtaskNotFound,
+    assemble,
+    proposal_candidates,
+    select,
 )
 from services.context.settings import ContextSettings
 
