@@ -12,7 +12,8 @@ const state = {
   tokens: new Map(), // "<deliberation>/<agent>" -> {deliberation_id, agent_id, phase, text, done, story_id, seq}
   deadLetters: [],
   approval: null, // {story_id, plan_id, event_id}
-  idempotencyKey: null,
+  idempotencyKey: null, // of the approval form as filled in now (see formChanged)
+  submitting: false,
   selectedTask: null,
   source: null,
 };
@@ -522,7 +523,7 @@ function addTaskRow(task) {
       field("task_id", "", h("input", { name: "task_id", placeholder: "task id", "aria-label": `task ${n} id` })),
       field("role", "", roleSelect),
       field("description", "grow", h("input", { name: "description", placeholder: "what to do", "aria-label": `task ${n} description` })),
-      h("button", { type: "button", class: "secondary remove", title: "remove this task", onclick: () => { row.remove(); renumberTasks(); } }, "×"),
+      h("button", { type: "button", class: "secondary remove", title: "remove this task", onclick: () => { row.remove(); renumberTasks(); formChanged(); } }, "×"),
     ),
     field("depends_on", "", h("input", { name: "depends_on", placeholder: "depends on (task ids, comma-separated; optional)", "aria-label": `task ${n} depends on` })),
     field("tests", "", h("textarea", { name: "tests", rows: 4, spellcheck: "false", placeholder: "acceptance tests (optional): pytest source that imports from solution\n\nfrom solution import slugify\n\ndef test_spaces():\n    assert slugify(\"a b\") == \"a-b\"", "aria-label": `task ${n} tests` })),
@@ -591,20 +592,55 @@ function showErrors(detail) {
   $("form-errors").replaceChildren(...general.map((g) => h("div", {}, g)));
 }
 
+// One approval per intent: the form as filled in has one Idempotency-Key (the API makes it the event id, so JetStream
+// publishes a repeat once and answers `duplicate`). The key is kept while the same form is submitted again (a double
+// click, a retry after a network error) and renewed as soon as the user changes the form.
+function newIdempotencyKey() {
+  if (crypto.randomUUID) return `approve-${crypto.randomUUID()}`;
+  // crypto.randomUUID exists only in secure contexts (https, localhost); getRandomValues everywhere
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `approve-${[...bytes].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
+function formChanged() {
+  state.idempotencyKey = newIdempotencyKey();
+}
+
 async function submitApproval(e) {
   e.preventDefault();
+  const button = $("approve-submit");
+  if (state.submitting) return; // one request at a time (Enter in a field submits too)
+  state.submitting = true;
+  button.disabled = true;
+  try {
+    await publishApproval();
+  } finally {
+    state.submitting = false;
+    button.disabled = false;
+  }
+}
+
+async function publishApproval() {
   clearErrors();
   const result = $("approve-result");
   result.textContent = "publishing…";
   result.className = "result";
-  state.idempotencyKey = state.idempotencyKey || crypto.randomUUID().replaceAll("-", "");
-  const r = await api("/api/approve-plan", {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "Idempotency-Key": state.idempotencyKey },
-    body: JSON.stringify(formData()),
-  });
+  state.idempotencyKey = state.idempotencyKey || newIdempotencyKey();
+  let r;
+  try {
+    r = await api("/api/approve-plan", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Idempotency-Key": state.idempotencyKey },
+      body: JSON.stringify(formData()),
+    });
+  } catch (err) {
+    // The request may or may not have reached the server: submitting again sends the same key (published once).
+    result.textContent = `Not sent: ${err.message}; submit again to retry (it is published once)`;
+    result.className = "result error";
+    pollDependencies();
+    return;
+  }
   if (r.status === 201) {
-    state.idempotencyKey = null;
     result.textContent = `Published ${r.body.event_type} ${r.body.event_id} (${r.body.stream} #${r.body.seq})${r.body.duplicate ? " — already published" : ""}`;
     result.className = "result ok";
     startProgress(r.body);
@@ -671,9 +707,13 @@ async function init() {
   const familySelect = $("filter-family");
   for (const f of state.catalog.families) familySelect.append(h("option", { value: f.name }, `${f.name} (${f.subjects.join(" ")})`));
   $("f-roles").replaceChildren(...state.catalog.roles.map((role) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "roles", value: role }), ` ${role}`)));
-  $("add-task").addEventListener("click", () => addTaskRow());
+  $("add-task").addEventListener("click", () => {
+    addTaskRow();
+    formChanged();
+  });
   $("approve-form").addEventListener("submit", submitApproval);
-  $("approve-form").addEventListener("input", () => (state.idempotencyKey = null));
+  for (const kind of ["input", "change"]) $("approve-form").addEventListener(kind, formChanged);
+  formChanged();
   for (const id of ["filter-family", "filter-story", "filter-pause"]) $(id).addEventListener("input", renderTimeline);
   $("delib-story").addEventListener("input", debounce(loadDeliberations, 300));
   $("delib-lookup").addEventListener("click", () => $("delib-task").value.trim() && showDeliberation($("delib-task").value.trim(), true));

@@ -5,6 +5,7 @@ Screenshots go to the `artifacts` folder (test-artifacts/monitoring-*.png).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,6 +207,56 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     stored = await bus.js.get_msg(ev.Streams.PLANNING_EVENTS, 1)
     tasks = ev.parse_event(stored.data, stored.subject).payload.tasks
     assert tasks[0].tests == RATE_TESTS.strip() and tasks[1].depends_on == ["T-1"]
+
+
+async def test_a_double_click_approves_once(page, bus: EventBus, artifacts: Path):
+    """One approval per intent: the button is disabled while its request is in flight, and the form as filled in has
+    one Idempotency-Key (the event id): the same form submitted again is published once (`duplicate`), a changed
+    form is a new approval."""
+    from playwright.async_api import expect
+
+    sent: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(route) -> None:  # the first request stays in flight until released: a user's slow network
+        sent.append(route.request.headers.get("idempotency-key", ""))
+        await release.wait()
+        await route.continue_()
+
+    await page.route("**/api/approve-plan", hold)
+    await open_tab(page, "approve")
+    await page.fill("#f-story", "S-42")
+    await page.fill("#f-plan", "P-1")
+    await page.fill("#f-by", "po@example.com")
+    button, result = page.locator("#approve-submit"), page.locator("#approve-result")
+
+    await button.dblclick()
+    await expect(button).to_be_disabled()
+    await expect(result).to_have_text("publishing…")
+    release.set()
+    await expect(result).to_contain_text("Published planning.plan.approved", timeout=WAIT_MS)
+    await expect(button).to_be_enabled()
+    assert len(sent) == 1 and re.fullmatch(r"[A-Za-z0-9_:.\-]{1,128}", sent[0]), sent
+    assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 1
+    stored = await bus.js.get_msg(ev.Streams.PLANNING_EVENTS, 1)
+    assert ev.parse_event(stored.data, stored.subject).event_id == sent[0]
+    seen = page.locator('#progress-events li[data-event-type="planning.plan.approved"]')
+    await expect(seen).to_have_count(1, timeout=WAIT_MS)
+
+    # The same form again (a second click after the answer, a retry): the same key, published once.
+    await button.click()
+    await expect(result).to_contain_text("already published", timeout=WAIT_MS)
+    assert sent == [sent[0], sent[0]]
+    assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 1
+    await page.screenshot(path=str(artifacts / "monitoring-approve-once.png"), full_page=True)
+
+    # Changed, it is another approval: a new key, a new event.
+    await page.fill("#f-title", "Rate limiting, second version")
+    await button.click()
+    await expect(result).to_contain_text("Published", timeout=WAIT_MS)
+    await expect(result).not_to_contain_text("already published")
+    assert len(sent) == 3 and sent[2] != sent[0]
+    assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 2
 
 
 async def test_dead_letters_are_shown_with_their_reason(page, bus: EventBus, artifacts: Path):
