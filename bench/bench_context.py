@@ -33,8 +33,9 @@ from fleet.context.v1 import context_pb2 as pb
 from fleet.context.v1 import context_pb2_grpc
 from services.common.bus import connect_nats, provision_streams
 from services.common.events import Role
+from services.common.falkordb import batches
 from services.common.settings import FleetSettings
-from services.context.adapters.graph import GraphStore, batches
+from services.context.adapters.graph import GraphStore
 from services.local.infra import LocalInfra
 from services.local.processes import free_port
 

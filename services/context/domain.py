@@ -56,7 +56,8 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
-# Text limits. They keep every graph write under the Bolt message size FalkorDB handles (see adapters/graph.py).
+# Text limits. They keep every graph write under the Bolt message size FalkorDB handles
+# (services/common/falkordb.py, point 2).
 MAX_TITLE = 300
 MAX_TEXT = 4000
 MAX_PROPOSAL = 8000

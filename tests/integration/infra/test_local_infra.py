@@ -20,8 +20,9 @@ import valkey.asyncio as avalkey
 from infra_helpers import listening_sockets, wait_gone
 from neo4j import AsyncGraphDatabase
 
+from services.common.falkordb import unstick_falkordb_bolt
 from services.local import infra as infra_module
-from services.local.infra import LocalInfra, start_nats, start_ray_head, stop_infra, unstick_falkordb_bolt
+from services.local.infra import LocalInfra, start_nats, start_ray_head, stop_infra
 from services.local.processes import (
     ProcessStartError,
     free_port,
