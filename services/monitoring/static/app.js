@@ -1,5 +1,9 @@
 // SWE AI Fleet monitoring page: plain JS, no build step. Everything comes from the JSON API and the SSE feed.
+// With authentication on, the tab's bearer token (sessionStorage, this tab only) goes with every /api/ request,
+// the live feed included (read with fetch: EventSource cannot send headers, and a token never goes in a URL).
 "use strict";
+
+const TOKEN_KEY = "fleet.token"; // sessionStorage: this tab only, never localStorage
 
 const MAX_EVENTS = 3000; // events kept in the page
 const MAX_ROWS = 500; // timeline rows drawn
@@ -15,7 +19,10 @@ const state = {
   idempotencyKey: null, // of the approval form as filled in now (see formChanged)
   submitting: false,
   selectedTask: null,
-  source: null,
+  feed: null, // the AbortController of the live feed's connection loop
+  me: null, // GET /api/me: {authentication, actor, subject, roles}; null while not signed in
+  authentication: null, // true once the server asked for a token or said so; false when it trusts everyone
+  retryApproval: false, // the approval was refused for want of a token: submitted again after signing in
 };
 
 // --- small helpers -----------------------------------------------------------------------------------------------
@@ -54,20 +61,129 @@ const debounce = (fn, ms) => {
   };
 };
 
-async function api(path, options) {
-  const res = await fetch(path, options);
-  let body = null;
+function tabToken() {
   try {
-    body = await res.json();
+    return sessionStorage.getItem(TOKEN_KEY) || "";
   } catch (_) {
-    body = null;
+    return "";
   }
-  return { ok: res.ok, status: res.status, body };
+}
+
+// The request's headers with the tab's token, when it has one.
+function withToken(headers) {
+  const all = new Headers(headers || {});
+  const token = tabToken();
+  if (token) all.set("Authorization", `Bearer ${token}`);
+  return all;
+}
+
+async function readJson(res) {
+  try {
+    return await res.json();
+  } catch (_) {
+    return null;
+  }
+}
+
+// Every /api/ call: the token goes along; a 401 shows the sign-in box (the caller sees the 401 too), unless the
+// tab has another token by then (a request sent before signing in).
+async function api(path, options) {
+  const sent = tabToken();
+  const res = await fetch(path, { ...options, headers: withToken(options && options.headers) });
+  const r = { ok: res.ok, status: res.status, body: await readJson(res) };
+  if (r.status === 401 && tabToken() === sent) needSignIn(problem(r));
+  return r;
 }
 
 function problem(r) {
   if (r.body && typeof r.body.detail === "string") return r.body.detail;
   return `HTTP ${r.status}`;
+}
+
+// --- who is calling ---------------------------------------------------------------------------------------------
+
+let signInWaiters = [];
+const whenSignedIn = () => new Promise((resolve) => signInWaiters.push(resolve));
+
+// The server wants a token (none, or the tab's was refused: expired, wrong issuer...): the sign-in box says why.
+function needSignIn(detail) {
+  state.authentication = true;
+  state.me = null;
+  renderUser();
+  const box = $("signin");
+  $("signin-why").textContent = tabToken() ? `Your token was refused: ${detail}` : `Sign in to use the dashboard (${detail}).`;
+  if (box.hidden) {
+    box.hidden = false;
+    $("signin-token").focus();
+  }
+}
+
+// Who the tab's token says it is (GET /api/me); false when the server refused it (the sign-in box then shows).
+async function loadMe() {
+  const r = await api("/api/me");
+  if (r.ok) {
+    state.me = r.body;
+    state.authentication = Boolean(r.body.authentication);
+  } else if (r.status === 404) {
+    state.me = { authentication: false, actor: "anonymous", subject: "anonymous", roles: [] }; // an older server
+    state.authentication = false;
+  }
+  renderUser();
+  return r.ok || r.status === 404;
+}
+
+async function signIn(e) {
+  e.preventDefault();
+  const token = $("signin-token").value.trim().replace(/^Bearer\s+/i, "");
+  if (!token) {
+    $("signin-why").textContent = "Paste a token first.";
+    return;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+  if (!(await loadMe())) {
+    sessionStorage.removeItem(TOKEN_KEY); // refused: the box says why (needSignIn); no bad token kept
+    return;
+  }
+  $("signin-token").value = "";
+  $("signin").hidden = true;
+  // Everything a missing token stopped starts again: the feed, the dependencies, the tab, a waiting approval.
+  if (state.catalog) {
+    connectFeed();
+    pollDependencies();
+    showTab();
+  }
+  const waiters = signInWaiters;
+  signInWaiters = [];
+  for (const resolve of waiters) resolve();
+  if (state.retryApproval) {
+    state.retryApproval = false;
+    $("approve-form").requestSubmit();
+  }
+}
+
+function signOut() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  state.me = null;
+  if (state.feed) state.feed.abort();
+  setPill("pill-feed", null, "signed out");
+  renderUser();
+  loadMe(); // 401: the sign-in box
+}
+
+// The header says who is signed in; the approval form shows the approver (the token's) instead of asking for one.
+function renderUser() {
+  const me = state.me;
+  const signedIn = Boolean(me && me.authentication);
+  $("user").hidden = !signedIn;
+  if (signedIn) $("user-name").textContent = `signed in as ${me.actor} · ${me.roles.join(", ") || "no roles"}`;
+  const fromToken = state.authentication === true;
+  $("f-by").hidden = fromToken;
+  $("f-by-label").hidden = fromToken;
+  const approver = $("f-by-token");
+  approver.hidden = !fromToken;
+  approver.replaceChildren(
+    ...(signedIn ? ["approved by ", h("strong", {}, me.actor)] : [h("span", { class: "muted" }, "approved by whoever signs in")]),
+  );
 }
 
 // --- tabs ----------------------------------------------------------------------------------------------------------
@@ -94,6 +210,7 @@ async function pollDependencies() {
   const lines = [];
   try {
     const r = await api("/api/dependencies");
+    if (r.status === 401) return; // the sign-in box says it
     if (!r.ok) throw new Error(problem(r));
     for (const d of r.body.dependencies) {
       setPill(`pill-${d.name}`, d.ok, `${d.name} ${d.address}: ${d.detail}`);
@@ -116,24 +233,107 @@ async function pollDependencies() {
 
 // --- live feed -------------------------------------------------------------------------------------------------------
 
+// The feed is Server-Sent Events read with fetch (EventSource cannot send the Authorization header): the body is
+// read as it comes, `event:` / `data:` / `id:` / `retry:` lines make events, a blank line dispatches one. The loop
+// reconnects when the stream ends or fails, waiting longer after each failure in a row (up to 30 s); the server
+// replays its history on each connection, addEvent drops what the page has already seen.
+const FEED_MAX_WAIT_MS = 30_000;
+
 function connectFeed() {
-  if (state.source) state.source.close();
-  const source = new EventSource("/api/events/stream");
-  state.source = source;
-  setPill("pill-feed", null, "connecting");
-  source.addEventListener("open", () => setPill("pill-feed", true, "live feed connected"));
-  source.addEventListener("feed", (m) => addEvent(JSON.parse(m.data)));
-  source.addEventListener("replayed", () => {
-    setPill("pill-feed", true, "live feed connected");
-    renderTimeline();
+  if (state.feed) state.feed.abort();
+  const feed = new AbortController();
+  state.feed = feed;
+  runFeed(feed.signal);
+}
+
+const pause = (ms, signal) =>
+  new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => (clearTimeout(t), resolve()), { once: true });
   });
-  source.addEventListener("dropped", (m) => {
-    const why = JSON.parse(m.data).reason;
-    source.close();
-    setPill("pill-feed", false, `dropped: ${why}; reconnecting`);
-    setTimeout(connectFeed, 1000);
-  });
-  source.addEventListener("error", () => setPill("pill-feed", false, "live feed disconnected; reconnecting"));
+
+async function runFeed(signal) {
+  const conn = { retryMs: 1000, lastEventId: "", ended: "" };
+  let failures = 0;
+  while (!signal.aborted) {
+    setPill("pill-feed", null, "connecting");
+    let why;
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (conn.lastEventId) headers["Last-Event-ID"] = conn.lastEventId;
+      const res = await fetch("/api/events/stream", { headers: withToken(headers), cache: "no-store", signal });
+      if (res.status === 401) {
+        if (signal.aborted) return;
+        setPill("pill-feed", false, "live feed: sign in first");
+        needSignIn(problem({ status: 401, body: await readJson(res) }));
+        return; // signing in connects again
+      }
+      if (!res.ok || !res.body) throw new Error(problem({ status: res.status, body: await readJson(res) }));
+      setPill("pill-feed", true, "live feed connected");
+      failures = 0;
+      conn.ended = "";
+      await readEvents(res.body, conn);
+      why = conn.ended || "the server ended the stream";
+    } catch (e) {
+      if (signal.aborted) return;
+      failures += 1;
+      why = e.message;
+    }
+    if (signal.aborted) return;
+    const wait = Math.min(conn.retryMs * 2 ** failures, FEED_MAX_WAIT_MS) * (0.8 + 0.4 * Math.random());
+    setPill("pill-feed", false, `live feed disconnected (${why}); reconnecting in ${(wait / 1000).toFixed(1)} s`);
+    await pause(wait, signal);
+  }
+}
+
+async function readEvents(body, conn) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let type = "";
+  let data = [];
+  const line = (text) => {
+    if (text === "") {
+      if (data.length) onFeedMessage(type || "message", data.join("\n"), conn);
+      type = "";
+      data = [];
+      return;
+    }
+    if (text.startsWith(":")) return; // a comment (keep-alive)
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+    else if (field === "id" && !value.includes("\0")) conn.lastEventId = value;
+    else if (field === "retry" && /^\d+$/.test(value)) conn.retryMs = Number(value);
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += done ? "" : value;
+    const ends = /\r\n|\r|\n/g;
+    let from = 0;
+    for (let m; (m = ends.exec(buffer)); ) {
+      if (!done && m[0] === "\r" && m.index === buffer.length - 1) break; // perhaps half of a \r\n: next chunk
+      line(buffer.slice(from, m.index));
+      from = ends.lastIndex;
+    }
+    buffer = buffer.slice(from);
+    if (done) return; // an event without its blank line is dropped, as EventSource does
+  }
+}
+
+function onFeedMessage(type, text, conn) {
+  try {
+    const data = JSON.parse(text);
+    if (type === "feed") addEvent(data);
+    else if (type === "replayed") renderTimeline();
+    else if (type === "dropped") conn.ended = `dropped: ${data.reason}`; // the server ends the stream next
+  } catch (e) {
+    setTimeout(() => {
+      throw e; // a page error (the tests see it), while the feed goes on
+    });
+  }
 }
 
 const refreshDeliberations = throttle(() => {
@@ -408,6 +608,7 @@ async function showDeliberation(taskId, scroll) {
     TERMINAL.has(d.status) ? verifiedBadge(d.verified, d.verified_reason || d.error_message, true) : null,
     h("p", { class: "muted" }, `${d.role} · council ${d.council_id} · deliberation ${d.deliberation_id} · story ${d.story_id || "-"} · ${d.executor || "?"} executor · ${(d.duration_ms / 1000).toFixed(1)} s · ${tokens} tokens${d.context_version ? " · context " + d.context_version : ""}`),
   ];
+  if (d.requested_by) parts.push(h("p", { class: "requested-by" }, "started by ", h("strong", {}, d.requested_by)));
   if (d.error_message) parts.push(h("p", { class: "error" }, d.error_message));
   if (d.context_note) parts.push(h("p", { class: "muted" }, `context: ${d.context_note}`));
   if (d.notes.length) parts.push(section("Notes", h("ul", { class: "notes" }, d.notes.map((n) => h("li", {}, n)))));
@@ -540,7 +741,9 @@ function renumberTasks() {
 function formData() {
   const form = $("approve-form");
   const value = (name) => form.elements[name].value.trim();
-  const data = { story_id: value("story_id"), plan_id: value("plan_id"), approved_by: value("approved_by") };
+  // With authentication on, the server records the token's actor (and ignores this field).
+  const approver = state.authentication ? (state.me && state.me.actor) || "" : value("approved_by");
+  const data = { story_id: value("story_id"), plan_id: value("plan_id"), approved_by: approver };
   // Empty required fields are left out, so the catalog's model names them as missing.
   for (const k of Object.keys(data)) if (!data[k]) delete data[k];
   if (value("title")) data.title = value("title");
@@ -625,6 +828,7 @@ async function publishApproval() {
   const result = $("approve-result");
   result.textContent = "publishing…";
   result.className = "result";
+  result.dataset.status = "";
   state.idempotencyKey = state.idempotencyKey || newIdempotencyKey();
   let r;
   try {
@@ -640,10 +844,18 @@ async function publishApproval() {
     pollDependencies();
     return;
   }
+  result.dataset.status = String(r.status);
   if (r.status === 201) {
     result.textContent = `Published ${r.body.event_type} ${r.body.event_id} (${r.body.stream} #${r.body.seq})${r.body.duplicate ? " — already published" : ""}`;
     result.className = "result ok";
     startProgress(r.body);
+  } else if (r.status === 401) {
+    result.textContent = "Not published: sign in first (above); it is sent once you have.";
+    result.className = "result error";
+    state.retryApproval = true;
+  } else if (r.status === 403) {
+    result.textContent = `Not published: ${problem(r)}`;
+    result.className = "result error";
   } else if (r.status === 422 && Array.isArray(r.body?.detail)) {
     result.textContent = "Please fix the highlighted fields.";
     result.className = "result error";
@@ -697,7 +909,29 @@ const renderProgressDeliberations = throttle(async () => {
 // --- start ------------------------------------------------------------------------------------------------------------
 
 async function init() {
-  const r = await api("/api/catalog");
+  $("signin-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", signOut);
+  $("approve-form").addEventListener("submit", submitApproval);
+  for (const kind of ["input", "change"]) $("approve-form").addEventListener(kind, formChanged);
+  formChanged();
+  $("add-task").addEventListener("click", () => {
+    if (!state.catalog) return; // its roles come from the catalog
+    addTaskRow();
+    formChanged();
+  });
+  for (const id of ["filter-family", "filter-story", "filter-pause"]) $(id).addEventListener("input", renderTimeline);
+  $("delib-story").addEventListener("input", debounce(loadDeliberations, 300));
+  $("delib-lookup").addEventListener("click", () => $("delib-task").value.trim() && showDeliberation($("delib-task").value.trim(), true));
+  $("councils-refresh").addEventListener("click", loadCouncils);
+  window.addEventListener("hashchange", showTab);
+  showTab();
+  await loadMe(); // without a token the server wants: the sign-in box
+  let r = await api("/api/catalog");
+  const waited = r.status === 401;
+  while (r.status === 401) {
+    await whenSignedIn();
+    r = await api("/api/catalog");
+  }
   if (!r.ok) {
     $("banner").replaceChildren(h("div", { class: "banner-line" }, `monitoring API unavailable: ${problem(r)}; reload the page`));
     $("banner").hidden = false;
@@ -707,19 +941,7 @@ async function init() {
   const familySelect = $("filter-family");
   for (const f of state.catalog.families) familySelect.append(h("option", { value: f.name }, `${f.name} (${f.subjects.join(" ")})`));
   $("f-roles").replaceChildren(...state.catalog.roles.map((role) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "roles", value: role }), ` ${role}`)));
-  $("add-task").addEventListener("click", () => {
-    addTaskRow();
-    formChanged();
-  });
-  $("approve-form").addEventListener("submit", submitApproval);
-  for (const kind of ["input", "change"]) $("approve-form").addEventListener(kind, formChanged);
-  formChanged();
-  for (const id of ["filter-family", "filter-story", "filter-pause"]) $(id).addEventListener("input", renderTimeline);
-  $("delib-story").addEventListener("input", debounce(loadDeliberations, 300));
-  $("delib-lookup").addEventListener("click", () => $("delib-task").value.trim() && showDeliberation($("delib-task").value.trim(), true));
-  $("councils-refresh").addEventListener("click", loadCouncils);
-  window.addEventListener("hashchange", showTab);
-  showTab();
+  if (waited) showTab(); // what it showed was refused for want of a token
   connectFeed();
   pollDependencies();
   setInterval(pollDependencies, 3000);
