@@ -159,3 +159,12 @@ def _serve_vllm(model: str, log_dir: Path) -> Iterator[object]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real OIDC issuer on loopback (the local fleet's: discovery + JWKS over HTTP); `issuer.mint(sub, roles)`."""
+    from services.local.issuer import LocalIssuer
+
+    with LocalIssuer(tmp_path_factory.mktemp("issuer")) as running:
+        yield running

@@ -56,3 +56,15 @@ class ResourceExhausted(FleetError):
     """A budget (tokens, queue) is used up."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(FleetError):
+    """No credential, or one that does not verify (missing, malformed, expired, wrong issuer or audience)."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FleetError):
+    """An authenticated caller without the role the method needs."""
+
+    code = "PERMISSION_DENIED"

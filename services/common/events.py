@@ -314,6 +314,11 @@ class Envelope(BaseModel, Generic[P]):
     occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     producer: str = Field(min_length=1, max_length=120)
     correlation_id: str = Field(default="", max_length=128)
+    actor: str = Field(
+        default="",
+        max_length=200,
+        description="who caused it: the authenticated caller (email, else subject); empty for the fleet's own work",
+    )
     payload: P
 
     @property
@@ -570,13 +575,20 @@ def subject_matches(pattern: str, subject: str) -> bool:
 # --- building and parsing ---------------------------------------------------------------------------------
 
 
-def make_event(payload: P, producer: str, correlation_id: str = "", event_id: str | None = None) -> Envelope[P]:
+def make_event(
+    payload: P, producer: str, correlation_id: str = "", event_id: str | None = None, actor: str = ""
+) -> Envelope[P]:
     spec = PAYLOAD_TYPES.get(type(payload))
     if spec is None:
         raise KeyError(f"{type(payload).__name__} is not in the event catalog")
     extra: dict[str, Any] = {"event_id": event_id} if event_id else {}
     return Envelope[type(payload)](  # type: ignore[index]
-        event_type=spec.event_type, producer=producer, correlation_id=correlation_id, payload=payload, **extra
+        event_type=spec.event_type,
+        producer=producer,
+        correlation_id=correlation_id,
+        actor=actor,
+        payload=payload,
+        **extra,
     )
 
 

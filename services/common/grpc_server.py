@@ -1,4 +1,8 @@
-"""gRPC server bootstrap: health (grpc.health.v1), reflection, error mapping, graceful shutdown.
+"""gRPC server bootstrap: health (grpc.health.v1), reflection, who may call what, error mapping, graceful shutdown.
+
+Every method of a served service needs a role (services/common/auth.py's Guard; a method without one is refused at
+start); the caller's `authorization: Bearer <token>` metadata is checked before the handler runs. Health and
+reflection stay open for probes.
 
 Known failures (services.common.errors.FleetError) become their status code with details
 (google.rpc.BadRequest naming the field for INVALID_ARGUMENT, google.rpc.ErrorInfo otherwise).
@@ -14,11 +18,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import Guard, Principal
 from services.common.errors import FleetError, InvalidArgument
 from services.common.logging import correlation_id
 from services.common.metrics import GRPC_LATENCY, GRPC_REQUESTS
@@ -69,6 +74,21 @@ def _fail(method: str, e: Exception) -> FleetError:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Admits the caller (the guard), maps known failures to their status, counts and times every call."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Principal | None:
+        if method not in self.guard.roles:  # health and reflection
+            return None
+        md = dict(context.invocation_metadata() or ())
+        return await self.guard.admit(method, md.get("authorization"))
+
+    def _done(self, method: str, principal: Principal | None, context: grpc.aio.ServicerContext) -> None:
+        if principal is not None:
+            self.guard.done(method, principal, _code_of(context))
+
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
@@ -80,7 +100,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 _start(context)
                 t0 = time.perf_counter()
+                principal = None
                 try:
+                    principal = await self._admit(method, context)
                     return await inner(request, context)
                 except FleetError as e:
                     await _abort(context, e)
@@ -91,6 +113,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
                     GRPC_REQUESTS.labels(method, _code_of(context)).inc()
+                    self._done(method, principal, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
@@ -98,7 +121,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 _start(context)
+                principal = None
                 try:
+                    principal = await self._admit(method, context)
                     async for item in inner_stream(request, context):
                         yield item
                 except FleetError as e:
@@ -109,6 +134,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, _fail(method, e))
                 finally:
                     GRPC_REQUESTS.labels(method, _code_of(context)).inc()
+                    self._done(method, principal, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
@@ -116,17 +142,30 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def method_names(service: str) -> list[str]:
+    """The full names (`/pkg.Service/Method`) of a service's methods, from its descriptor."""
+    descriptor = descriptor_pool.Default().FindServiceByName(service)
+    return [f"/{service}/{m.name}" for m in descriptor.methods]
+
+
 class GrpcServer:
-    """One aio server with health + reflection; `services` are (add_XServicer_to_server, servicer, full_name)."""
+    """One aio server with health + reflection; `services` are (add_XServicer_to_server, servicer, full_name);
+    `guard` says which role each of their methods needs (all of them: a method without a role fails the start)."""
 
     def __init__(
         self,
         services: Iterable[tuple[Callable[[Any, grpc.aio.Server], None], Any, str]],
         port: int,
         host: str = "0.0.0.0",
+        *,
+        guard: Guard,
     ) -> None:
+        services = list(services)
+        unguarded = [m for _, _, name in services for m in method_names(name) if m not in guard.roles]
+        if unguarded:
+            raise ValueError(f"no role says who may call {', '.join(unguarded)}")
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[ErrorMappingInterceptor(guard)],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)],
         )
         self.health = health.aio.HealthServicer()

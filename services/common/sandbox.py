@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from fleet.sandbox.v1 import sandbox_pb2 as pb
 from fleet.sandbox.v1 import sandbox_pb2_grpc
+from services.common.auth import BearerToken, channel
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.common.execution import Execution, ExecutionResult, Outcome, TestCase, TestCounts
 
@@ -108,11 +109,13 @@ class SandboxClient:
     """`Execute` over gRPC. A sandbox that cannot be reached is `Unavailable`; one whose slots and queue are full is
     `ResourceExhausted` (after `busy_retries` short waits); a refused request is `InvalidArgument`."""
 
-    def __init__(self, address: str, *, margin_seconds: float = 10.0, busy_retries: int = 3) -> None:
+    def __init__(
+        self, address: str, *, margin_seconds: float = 10.0, busy_retries: int = 3, token: BearerToken | None = None
+    ) -> None:
         self.address = address
         self.margin_seconds = margin_seconds  # on top of the execution's own limit (queueing, start-up)
         self.busy_retries = busy_retries
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = channel(address, token)
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
 
     async def execute(self, execution: Execution) -> ExecutionResult:

@@ -32,6 +32,11 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", pattern=r"^(?i:DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     log_format: str = Field("json", pattern=r"^(json|text)$")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it")
+    # Who may call (services/common/auth.py). An empty issuer turns authentication off: development only.
+    auth_issuer: str = Field("", description="OIDC issuer whose bearer tokens are accepted; empty: no authentication")
+    auth_audience: str = Field("swe-ai-fleet", min_length=1, description="the `aud` every token must carry")
+    auth_roles_claim: str = Field("roles", pattern=r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$")
+    auth_leeway_seconds: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp/nbf")
 
 
 class FleetSettings(ServiceSettings):
@@ -48,6 +53,8 @@ class FleetSettings(ServiceSettings):
     stream_max_age_days: float = Field(7.0, gt=0)
     stream_max_bytes: int = Field(1 << 30, gt=0)
     stream_replicas: int = Field(1, ge=1, le=5)
+    # The service's own bearer token for its calls to the others (the sandbox calls no one: it holds none).
+    auth_token_file: str = Field("", description="this service's bearer token (a file, re-read when it changes)")
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -16,6 +16,7 @@ import valkey.asyncio as valkey_async
 from nats.js.errors import NotFoundError
 
 from fleet.context.v1 import context_pb2_grpc
+from services.common import auth
 from services.common import events as ev
 from services.common.bus import Consumer, EventBus
 from services.common.errors import FleetError, Unavailable
@@ -32,6 +33,14 @@ from services.context.settings import ContextSettings
 
 log = logging.getLogger("fleet.context")
 SERVICE_NAME = "fleet.context.v1.ContextService"
+# Who may call what (services/common/auth.py): only the fleet's services write context.
+ROLES = {
+    "GetContext": auth.VIEWER,
+    "UpdateContext": auth.SERVICE,
+    "RehydrateSession": auth.VIEWER,
+    "ValidateScope": auth.VIEWER,
+}
+AUDITED = ("UpdateContext",)
 
 
 @dataclass
@@ -106,6 +115,7 @@ async def start(settings: ContextSettings, *, host: str = "0.0.0.0", consume: bo
             [(context_pb2_grpc.add_ContextServiceServicer_to_server, ContextServicer(app), SERVICE_NAME)],
             settings.grpc_port,
             host,
+            guard=auth.service_guard(settings, SERVICE_NAME, ROLES, AUDITED),
         )
         await server.start()
         consumers = []

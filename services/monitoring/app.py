@@ -16,17 +16,26 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from services.common import auth
 from services.common import events as ev
-from services.common.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from services.common.errors import (
+    FleetError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from services.deliberation.domain import DeliberationResult, dump
 from services.monitoring.feed import (
     DEAD_LETTER_FAMILY,
@@ -113,7 +122,8 @@ def _plan_task_rules(schema: dict[str, Any]) -> None:
 
 def _plan_rules(schema: dict[str, Any]) -> None:
     properties = schema["properties"]
-    properties["approved_by"]["pattern"] = NOT_BLANK
+    approver = next(s for s in properties["approved_by"]["anyOf"] if s.get("type") == "string")
+    approver["pattern"] = NOT_BLANK
     roles = next(s for s in properties["roles"]["anyOf"] if s.get("type") == "array")
     roles |= {"minItems": 1, "uniqueItems": True}
     properties["tasks"]["description"] = (
@@ -140,6 +150,11 @@ class ApprovalRequest(ev.PlanApproved):
     model_config = ConfigDict(str_strip_whitespace=False, json_schema_extra=_plan_rules)
 
     timestamp: AwareDatetime | None = Field(None, description="when the plan was approved; now when absent")
+    approved_by: Annotated[str | None, *ev.PlanApproved.model_fields["approved_by"].metadata] = Field(
+        None,
+        description="ignored when the server authenticates callers: the approver is the token's caller; "
+        "without authentication, this name ('anonymous' when absent)",
+    )
     tasks: Annotated[list[ApprovalTask] | None, *ev.PlanApproved.model_fields["tasks"].metadata] = None
 
     @classmethod
@@ -147,11 +162,20 @@ class ApprovalRequest(ev.PlanApproved):
         """The request in `body` (JSON), validated strictly: pydantic.ValidationError naming each bad field."""
         return cls.model_validate_json(json.dumps(json.loads(body, parse_float=_integral)), strict=True)
 
-    def payload(self) -> ev.PlanApproved:
-        """The catalog's event payload, validated as its consumers validate it (strict JSON; strings trimmed)."""
+    def payload(self, approver: str | None) -> ev.PlanApproved:
+        """The catalog's event payload, validated as its consumers validate it (strict JSON; strings trimmed).
+        `approver`: the authenticated caller, who replaces any `approved_by` of the body (None: no authentication)."""
         data = self.model_dump(mode="json", exclude_unset=True)
+        data["approved_by"] = approver or data.get("approved_by") or auth.ANONYMOUS.actor
         data["timestamp"] = data.get("timestamp") or datetime.now(UTC).isoformat()
         return ev.PlanApproved.model_validate_json(json.dumps(data), strict=True)
+
+
+class Me(BaseModel):
+    authentication: bool = Field(description="false: the server trusts every caller (AUTH_ISSUER unset)")
+    actor: str = Field(description="the name approvals record: the token's email, else its subject")
+    subject: str
+    roles: list[str] = Field(description="the roles the token carries")
 
 
 class ApprovalAccepted(BaseModel):
@@ -169,10 +193,36 @@ class ApprovalAccepted(BaseModel):
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "A dependency (NATS or the orchestrator) is unavailable"}
 }
+AUTH_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No bearer token, or one that does not verify"},
+    403: {"model": Problem, "description": "The token lacks the role this needs"},
+}
 ORCHESTRATOR_PROBLEMS: dict[int | str, dict[str, Any]] = {
     **PROBLEMS,
     502: {"model": Problem, "description": "The orchestrator answered with an error"},
 }
+
+
+# --- who is calling -----------------------------------------------------------------------------------------------
+
+BEARER = HTTPBearer(auto_error=False, description="an OIDC access token; `fleet token` mints one locally")
+
+
+def caller(role: str | None) -> Any:
+    """The dependency admitting a caller with `role` (None: any authenticated caller)."""
+
+    async def admit(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+    ) -> auth.Principal:
+        authorization = f"Bearer {credentials.credentials}" if credentials else None
+        guard = request.app.state.monitoring.guard
+        return await guard.admit(f"{request.method} {request.url.path}", authorization, role)
+
+    return admit
+
+
+viewer, product_owner, anyone = caller(auth.VIEWER), caller(auth.PRODUCT_OWNER), caller(None)
+VIEWERS = [Depends(viewer)]
 
 
 # --- composition ---------------------------------------------------------------------------------------------------
@@ -184,7 +234,13 @@ class Monitoring:
     def __init__(self, settings: MonitoringSettings) -> None:
         self.settings = settings
         self.feed = LiveFeed(settings)
-        self.orchestrator = OrchestratorClient(settings.orchestrator_address, settings.orchestrator_timeout_seconds)
+        self.orchestrator = OrchestratorClient(
+            settings.orchestrator_address,
+            settings.orchestrator_timeout_seconds,
+            auth.BearerToken(settings.auth_token_file),
+        )
+        self.guard = auth.Guard(auth.Authenticator.from_settings(settings), roles={})
+        auth.announce(self.guard, "monitoring")
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -255,6 +311,15 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         errors = [{"loc": e.field.split("."), "msg": e.description, "type": "value_error"}]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(_: Request, e: Unauthenticated) -> JSONResponse:
+        challenge = f'Bearer error="invalid_token", error_description="{e.message.replace(chr(34), chr(39))}"'
+        return JSONResponse({"detail": e.message}, status_code=401, headers={"WWW-Authenticate": challenge})
+
+    @app.exception_handler(PermissionDenied)
+    async def forbidden(_: Request, e: PermissionDenied) -> JSONResponse:
+        return JSONResponse({"detail": e.message}, status_code=403)
+
     @app.exception_handler(FleetError)
     async def failed(_: Request, e: FleetError) -> JSONResponse:
         return JSONResponse({"detail": e.message, "dependency": "orchestrator"}, status_code=502)
@@ -288,7 +353,17 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
 
     # --- the API ---------------------------------------------------------------------------------------------------
 
-    @app.get("/api/catalog", response_model=Catalog, tags=["feed"])
+    @app.get("/api/me", response_model=Me, tags=["auth"], responses=AUTH_PROBLEMS)
+    async def me(principal: Annotated[auth.Principal, Depends(anyone)]) -> Me:
+        """Who the token says the caller is, and its roles (the page shows it)."""
+        return Me(
+            authentication=monitoring.guard.enabled,
+            actor=principal.actor,
+            subject=principal.subject,
+            roles=sorted(principal.roles),
+        )
+
+    @app.get("/api/catalog", response_model=Catalog, dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"])
     async def catalog() -> Catalog:
         """Subject families, roles and event types of the event catalog (the page builds its filters from it)."""
         families = [
@@ -307,12 +382,16 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             dead_letter_family=DEAD_LETTER_FAMILY,
         )
 
-    @app.get("/api/dependencies", response_model=Dependencies, tags=["feed"])
+    @app.get(
+        "/api/dependencies", response_model=Dependencies, dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"]
+    )
     async def dependencies() -> Dependencies:
         """Which dependency is up, which is down and why, and the state of each stream's live-feed consumer."""
         return monitoring.dependencies()
 
-    @app.get("/api/events", response_model=list[FeedEvent], tags=["feed"])
+    @app.get(
+        "/api/events", response_model=list[FeedEvent], dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"]
+    )
     async def events(
         family: FamilyQuery = None,
         story: StoryQuery = None,
@@ -321,7 +400,13 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         """Recent events (the feed's bounded history), oldest first."""
         return feed.history.select(family.value if family else None, story, limit)
 
-    @app.get("/api/events/stream", response_class=EventSourceResponse, tags=["feed"])
+    @app.get(
+        "/api/events/stream",
+        response_class=EventSourceResponse,
+        dependencies=VIEWERS,
+        responses=AUTH_PROBLEMS,
+        tags=["feed"],
+    )
     async def stream(family: FamilyQuery = None, story: StoryQuery = None) -> AsyncIterator[ServerSentEvent]:
         """Server-Sent Events: `feed` events (the history, then live), one `replayed` marker after the history,
         and `dropped` (then the stream ends) when this client fell too far behind."""
@@ -339,12 +424,24 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         finally:
             feed.hub.leave(client)
 
-    @app.get("/api/dead-letters", response_model=list[FeedEvent], tags=["feed"])
+    @app.get(
+        "/api/dead-letters",
+        response_model=list[FeedEvent],
+        dependencies=VIEWERS,
+        responses=AUTH_PROBLEMS,
+        tags=["feed"],
+    )
     async def dead_letters(limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[FeedEvent]:
         """Recent dead letters, newest first, each with its reason and origin (`dead_letter`)."""
         return list(reversed(feed.history.select(DEAD_LETTER_FAMILY, None, limit)))
 
-    @app.get("/api/deliberations", response_model=list[DeliberationSummary], tags=["deliberations"])
+    @app.get(
+        "/api/deliberations",
+        response_model=list[DeliberationSummary],
+        dependencies=VIEWERS,
+        responses=AUTH_PROBLEMS,
+        tags=["deliberations"],
+    )
     async def deliberations(
         story: StoryQuery = None,
         status: ev.DeliberationStatus | None = None,
@@ -357,7 +454,12 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         "/api/deliberations/{task_id}",
         response_model=DeliberationResult,
         tags=["deliberations"],
-        responses={404: {"model": Problem, "description": "No deliberation for this task"}, **ORCHESTRATOR_PROBLEMS},
+        responses={
+            404: {"model": Problem, "description": "No deliberation for this task"},
+            **ORCHESTRATOR_PROBLEMS,
+            **AUTH_PROBLEMS,
+        },
+        dependencies=VIEWERS,
     )
     async def deliberation(task_id: Annotated[str, PathParam(pattern=ev.ID_PATTERN)]) -> JSONResponse:
         """The latest deliberation of a task (the orchestrator's GetDeliberationResult), as the domain's
@@ -366,7 +468,13 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         whether the winner is verified and why, notes."""
         return JSONResponse(dump(await monitoring.orchestrator.deliberation(task_id)))
 
-    @app.get("/api/councils", response_model=Councils, tags=["councils"], responses=ORCHESTRATOR_PROBLEMS)
+    @app.get(
+        "/api/councils",
+        response_model=Councils,
+        tags=["councils"],
+        responses=ORCHESTRATOR_PROBLEMS | AUTH_PROBLEMS,
+        dependencies=VIEWERS,
+    )
     async def councils(role: ev.Role | None = None) -> Any:
         """Councils and their agents (the orchestrator's ListCouncils)."""
         return await monitoring.orchestrator.councils(role.value if role else "")
@@ -375,7 +483,8 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         "/api/orchestrator/status",
         response_model=OrchestratorStatus,
         tags=["councils"],
-        responses=ORCHESTRATOR_PROBLEMS,
+        responses=ORCHESTRATOR_PROBLEMS | AUTH_PROBLEMS,
+        dependencies=VIEWERS,
     )
     async def orchestrator_status() -> Any:
         """The orchestrator's GetStatus with its statistics."""
@@ -386,11 +495,12 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         status_code=201,
         response_model=ApprovalAccepted,
         tags=["planning"],
-        responses={400: {"model": Problem, "description": "The body is not JSON"}, **PROBLEMS},
+        responses={400: {"model": Problem, "description": "The body is not JSON"}, **PROBLEMS, **AUTH_PROBLEMS},
     )
     async def approve_plan(
         approval: ApprovalRequest,
         request: Request,
+        principal: Annotated[auth.Principal, Depends(product_owner)],
         idempotency_key: Annotated[
             str | None,
             Header(
@@ -403,15 +513,25 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         """Publish `planning.plan.approved`. The body is validated as its schema says (strict JSON), then becomes the
         event catalog's PlanApproved exactly as its consumers validate it. 422 names each bad field."""
         try:  # `approval` passed FastAPI's lax checks; now the strict ones, on the body as it was sent
-            payload = ApprovalRequest.read(await request.body()).payload()
+            approver = principal.actor[:120] if monitoring.guard.enabled else None
+            payload = ApprovalRequest.read(await request.body()).payload(approver)
         except ValidationError as e:
             raise RequestValidationError(
                 [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_context=False)]
             ) from None
         bus = feed.require_bus()
         correlation = f"{payload.story_id}:{payload.plan_id}"[:128]  # two ids of up to 128: the envelope takes 128
-        event = ev.make_event(payload, ev.MONITORING, correlation_id=correlation, event_id=idempotency_key)
-        ack = await bus.publish(event)
+        event = ev.make_event(
+            payload, ev.MONITORING, correlation_id=correlation, event_id=idempotency_key, actor=principal.actor
+        )
+        try:
+            ack = await bus.publish(event)
+        except FleetError as e:
+            auth.audit(principal.actor, "POST /api/approve-plan", e.code, e.message)
+            raise
+        auth.audit(
+            principal.actor, "POST /api/approve-plan", "OK", f"{payload.story_id}/{payload.plan_id} {event.event_id}"
+        )
         return ApprovalAccepted(
             event_id=event.event_id,
             event_type=event.event_type,
@@ -424,4 +544,18 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             plan_id=payload.plan_id,
         )
 
+    if not monitoring.guard.enabled:  # the published API is the enforced one: no bearer scheme when none is checked
+        full = app.openapi
+
+        def openapi() -> dict[str, Any]:
+            schema = full()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+                    for code in ("401", "403"):
+                        operation.get("responses", {}).pop(code, None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            return schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from fleet.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from services.common import auth
 from services.common.errors import FleetError, InvalidArgument, NotFound, Unavailable
 from services.deliberation.domain import DeliberationResult
 from services.deliberation.proto import result_from_proto
@@ -114,7 +115,8 @@ OrchestratorStatus = message_model(orchestrator_pb2.GetStatusResponse.DESCRIPTOR
 
 
 class OrchestratorClient:
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, token: auth.BearerToken | None = None) -> None:
+        self.token = token
         self.address = address
         self.timeout = timeout
         self.ok = False
@@ -126,8 +128,9 @@ class OrchestratorClient:
     def _connect(self) -> orchestrator_pb2_grpc.OrchestratorServiceStub | None:
         """The stub, its channel made on first use: a grpc.aio channel belongs to the loop it was made in."""
         if self._stub is None and self.address:
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = auth.channel(
                 self.address,
+                self.token,
                 options=[
                     ("grpc.initial_reconnect_backoff_ms", 300),
                     ("grpc.min_reconnect_backoff_ms", 300),

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common import auth
 from services.common import events as ev
 from services.common.bus import EventBus
 from services.common.grpc_server import GrpcServer
@@ -27,6 +28,17 @@ from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("fleet.orchestrator")
 SERVICE_NAME = "fleet.orchestrator.v1.OrchestratorService"
+# Who may call what (services/common/auth.py); the audited methods start work or change the councils.
+ROLES = {
+    "Deliberate": auth.DELIBERATOR,
+    "StreamDeliberation": auth.DELIBERATOR,
+    "GetDeliberationResult": auth.VIEWER,
+    "CreateCouncil": auth.ADMIN,
+    "ListCouncils": auth.VIEWER,
+    "DeleteCouncil": auth.ADMIN,
+    "GetStatus": auth.VIEWER,
+}
+AUDITED = ("Deliberate", "StreamDeliberation", "CreateCouncil", "DeleteCouncil")
 
 
 class InProcessRunner:
@@ -94,12 +106,13 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
     async def publish(payload: ev.Payload, cid: str) -> None:
         await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid))
 
-    context = ContextClient(settings.context_address) if settings.context_address else None
-    sandbox = SandboxClient(settings.sandbox_address) if settings.sandbox_address else None
+    token = auth.BearerToken(settings.auth_token_file)
+    context = ContextClient(settings.context_address, token=token) if settings.context_address else None
+    sandbox = SandboxClient(settings.sandbox_address, token=token) if settings.sandbox_address else None
     checker = ProposalChecker(sandbox, timeout_seconds=settings.sandbox_timeout_seconds)
     app = Orchestrator(
         ValkeyStore(valkey),
-        RayExecutorRunner(settings.ray_executor_address, bus)
+        RayExecutorRunner(settings.ray_executor_address, bus, token=token)
         if settings.executor == "ray"
         else InProcessRunner(llm, bus, checker),
         publish,
@@ -113,6 +126,7 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         [(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(app), SERVICE_NAME)],
         settings.grpc_port,
         host,
+        guard=auth.service_guard(settings, SERVICE_NAME, ROLES, AUDITED),
     )
     await server.start()
     consumer = await bus.consume(

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from fleet.ray_executor.v1 import ray_executor_pb2_grpc
+from services.common import auth
 from services.common import events as ev
 from services.common.bus import EventBus
 from services.common.errors import Unavailable
@@ -26,6 +27,14 @@ from services.ray_executor.settings import RayExecutorSettings
 
 log = logging.getLogger("fleet.ray_executor")
 SERVICE_NAME = "fleet.ray_executor.v1.RayExecutorService"
+# Who may call what (services/common/auth.py): deliberations are started by the orchestrator only.
+ROLES = {
+    "ExecuteDeliberation": auth.SERVICE,
+    "GetDeliberationStatus": auth.VIEWER,
+    "GetStatus": auth.VIEWER,
+    "GetActiveJobs": auth.VIEWER,
+}
+AUDITED = ("ExecuteDeliberation",)
 
 
 def executor_factory(settings: RayExecutorSettings, pool: AgentPool):
@@ -94,7 +103,8 @@ async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> Runn
         async def publish(payload: ev.Payload, cid: str) -> None:
             await bus.publish(ev.make_event(payload, ev.RAY_EXECUTOR, correlation_id=cid))
 
-        sandbox = SandboxClient(settings.sandbox_address) if settings.sandbox_address else None
+        token = auth.BearerToken(settings.auth_token_file)
+        sandbox = SandboxClient(settings.sandbox_address, token=token) if settings.sandbox_address else None
         app = RayExecutorService(
             executor_factory(settings, pool),
             publish,
@@ -107,6 +117,7 @@ async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> Runn
             [(ray_executor_pb2_grpc.add_RayExecutorServiceServicer_to_server, RayExecutorServicer(app), SERVICE_NAME)],
             settings.grpc_port,
             host,
+            guard=auth.service_guard(settings, SERVICE_NAME, ROLES, AUDITED),
         )
         await server.start()
     except BaseException as e:

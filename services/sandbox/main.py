@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from fleet.sandbox.v1 import sandbox_pb2_grpc
+from services.common import auth
 from services.common.errors import FailedPrecondition
 from services.common.grpc_server import GrpcServer
 from services.common.lifecycle import serve
@@ -30,6 +31,10 @@ from services.sandbox.settings import SandboxSettings
 log = logging.getLogger("fleet.sandbox")
 
 _PR_SET_DUMPABLE = 4
+
+# Who may call (services/common/auth.py): the fleet's services (and admins) only. Executions are many and are
+# logged by the service itself, so they are not audited one by one.
+ROLES = {"Execute": auth.SERVICE}
 
 
 def python_candidates(configured: str) -> list[str]:
@@ -117,6 +122,7 @@ async def start(settings: SandboxSettings, *, host: str = "0.0.0.0") -> RunningS
             [(sandbox_pb2_grpc.add_SandboxServicer_to_server, SandboxServicer(app), SERVICE_NAME)],
             settings.grpc_port,
             host,
+            guard=auth.service_guard(settings, SERVICE_NAME, ROLES),
         )
         await server.start()
     except BaseException:

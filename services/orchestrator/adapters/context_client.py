@@ -8,6 +8,7 @@ import time
 import grpc
 
 from fleet.context.v1 import context_pb2, context_pb2_grpc
+from services.common.auth import BearerToken, channel
 from services.common.errors import Unavailable
 from services.common.events import Role
 from services.orchestrator.application import Context
@@ -20,11 +21,13 @@ class ContextClient:
     through its own consumer: NOT_FOUND is retried for up to `not_found_wait` seconds so that race is not lost.
     """
 
-    def __init__(self, address: str, timeout: float = 5.0, not_found_wait: float = 5.0) -> None:
+    def __init__(
+        self, address: str, timeout: float = 5.0, not_found_wait: float = 5.0, token: BearerToken | None = None
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.not_found_wait = not_found_wait
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = channel(address, token)
         self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
 
     async def get_context(self, story_id: str, role: Role, phase: str, token_budget: int) -> Context:

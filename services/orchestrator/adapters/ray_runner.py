@@ -28,6 +28,7 @@ import grpc
 from fleet.ray_executor.v1 import ray_executor_pb2 as pb
 from fleet.ray_executor.v1 import ray_executor_pb2_grpc
 from services.common import events as ev
+from services.common.auth import BearerToken, channel
 from services.common.errors import Unavailable
 from services.common.events import DeliberationStatus
 from services.common.grpc_server import CORRELATION_HEADER
@@ -56,6 +57,7 @@ class RayExecutorRunner:
         poll_min: float = 0.05,
         poll_max: float = 1.0,
         margin_seconds: float = 30.0,
+        token: BearerToken | None = None,
     ) -> None:
         if not address:
             raise SettingsError("RAY_EXECUTOR_ADDRESS (host:port of the ray-executor) is required when EXECUTOR=ray")
@@ -64,6 +66,7 @@ class RayExecutorRunner:
         self.rpc_timeout = rpc_timeout
         self.poll_min, self.poll_max = poll_min, poll_max
         self.margin_seconds = margin_seconds
+        self.token = token
 
     async def run(
         self, task: Task, council: Council, architect: AgentSpec | None, deliberation_id: str, on_progress: Any
@@ -87,8 +90,8 @@ class RayExecutorRunner:
         wake = asyncio.Event()
         events = await self._follow(deliberation_id, task, wake, on_progress)
         try:
-            async with grpc.aio.insecure_channel(self.address) as channel:
-                stub = ray_executor_pb2_grpc.RayExecutorServiceStub(channel)
+            async with channel(self.address, self.token) as rpc:
+                stub = ray_executor_pb2_grpc.RayExecutorServiceStub(rpc)
                 for attempt in range(1, self.ATTEMPTS + 1):  # idempotent on the deliberation id: safe to repeat
                     try:
                         await stub.ExecuteDeliberation(request, timeout=self.rpc_timeout, metadata=metadata)

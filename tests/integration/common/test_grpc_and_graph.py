@@ -12,9 +12,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fleet.context.v1 import context_pb2, context_pb2_grpc
 from services.common import errors
-from services.common.grpc_server import GrpcServer
+from services.common.auth import Guard
+from services.common.grpc_server import GrpcServer, method_names
 
 pytestmark = pytest.mark.integration
+
+
+def open_guard() -> Guard:
+    """Authentication off: every method of the service open to every caller."""
+    return Guard(None, {m: "viewer" for m in method_names("fleet.context.v1.ContextService")})
 
 
 class Servicer(context_pb2_grpc.ContextServiceServicer):
@@ -39,6 +45,7 @@ async def channel():
         [(context_pb2_grpc.add_ContextServiceServicer_to_server, Servicer(), "fleet.context.v1.ContextService")],
         port=0,
         host="127.0.0.1",
+        guard=open_guard(),
     )
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:

@@ -24,7 +24,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.monitoring.main import RunningMonitoring
+from services.monitoring.main import RunningMonitoring, start
+
+from .conftest import monitoring_settings, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +64,23 @@ def schema_valid_input_is_accepted(ctx, response, case) -> bool | None:
 
 
 async def test_no_input_makes_the_api_fail(monitoring: RunningMonitoring, client: httpx.AsyncClient):
-    base = monitoring.url
+    await fuzz_api(monitoring.url, client)
+
+
+async def test_no_input_makes_the_api_fail_with_authentication_on(nats_url: str, bus, issuer):
+    """The same with bearer tokens checked: the schema-valid cases carry a product owner's token, the invalid ones
+    none (401 is then among what the schema documents)."""
+    running = await start(monitoring_settings(nats_url, auth_issuer=issuer.url), port=0)
+    token = issuer.mint("fuzzer", ["product-owner"], email="fuzz@example.com")
+    try:
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+            await wait_ready(client)
+            await fuzz_api(running.url, client, {"Authorization": f"Bearer {token}"})
+    finally:
+        await running.stop()
+
+
+async def fuzz_api(base: str, client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> None:
 
     def fuzz() -> int:
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json").exclude(path="/api/events/stream")
@@ -81,7 +99,9 @@ async def test_no_input_makes_the_api_fail(monitoring: RunningMonitoring, client
         def check(case: schemathesis.Case) -> None:
             nonlocal calls
             calls += 1
-            response = case.call(base_url=base, timeout=10)
+            # The token goes with schema-valid cases; an invalid one may be invalid by its missing credentials.
+            positive = case.meta is not None and case.meta.generation.mode.is_positive
+            response = case.call(base_url=base, timeout=10, headers=headers if positive else None)
             case.validate_response(
                 response,
                 checks=[
@@ -101,3 +121,5 @@ async def test_no_input_makes_the_api_fail(monitoring: RunningMonitoring, client
     assert calls >= EXAMPLES // 2
     # The service is still healthy after the barrage.
     assert (await client.get("/readyz")).status_code == 200
+    if headers:  # and the token was checked, not ignored
+        assert (await client.get("/api/catalog")).status_code == 401
