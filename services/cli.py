@@ -278,6 +278,11 @@ def up(
     fleet = _start_fleet(base_dir, model, llm_url, llm_model, executor)
     try:
         console.print(f"endpoints: {fleet.base_dir / 'endpoints.json'}")
+        console.print(
+            f"every call is authenticated (issuer {fleet.endpoints['issuer']}); your token, every role: "
+            f"{fleet.tokens['user']} (the CLI sends it; the dashboard asks for it; "
+            "`fleet token --user alice@example.com --role product-owner` mints more)"
+        )
         console.print(f"dashboard: [bold]{fleet.endpoints['monitoring']}[/bold]   Ctrl-C stops everything.")
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -360,7 +365,10 @@ def demo(
 def approve_plan(
     story: Annotated[str, typer.Option(help="story id")],
     plan: Annotated[str, typer.Option(help="plan id")],
-    approved_by: Annotated[str, typer.Option("--approved-by", help="who approves")],
+    approved_by: Annotated[
+        str,
+        typer.Option("--approved-by", help="who approves, when the fleet does not authenticate (else: the token's)"),
+    ] = "",
     roles: Annotated[str, typer.Option(help="comma-separated roles (default: all five)")] = "",
     title: Annotated[str, typer.Option(help="what the plan is about")] = "",
     task: Annotated[
@@ -376,7 +384,8 @@ def approve_plan(
         typer.Option(help="TASK_ID=DEP[,DEP...]: the task starts once these tasks completed (repeatable)"),
     ] = None,
 ) -> None:
-    """Publish a valid planning.plan.approved (reads NATS_URL)."""
+    """Approve a plan through the monitoring API, as the product owner's page does (reads MONITORING_URL, else the
+    running local fleet's; sends FLEET_TOKEN, else the local user's token)."""
     from pydantic import ValidationError
 
     tasks = []
@@ -398,7 +407,7 @@ def approve_plan(
     data = {
         "story_id": story,
         "plan_id": plan,
-        "approved_by": approved_by,
+        "approved_by": approved_by or "cli",  # replaced by the token's caller when the fleet authenticates
         "timestamp": datetime.now(UTC).isoformat(),
         "title": title,
         "roles": [r.strip().upper() for r in roles.split(",") if r.strip()] or None,
@@ -414,20 +423,82 @@ def approve_plan(
 
     from services.local.demo import publish_approval
 
-    console.print(_run(publish_approval(load_settings(FleetSettings).nats_url, payload)))
+    monitoring = os.environ.get("MONITORING_URL") or _local_fleet().get("monitoring")
+    if not monitoring:
+        raise _fail("no monitoring service: set MONITORING_URL, or start a local fleet (`fleet up`)", 2)
+    console.print(_run(publish_approval(monitoring, payload, _token_value())))
+
+
+# --- tokens ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="who the token is for (its subject; an email also becomes `email`)")],
+    role: Annotated[list[str], typer.Option(help="viewer, deliberator, product-owner, admin or service (repeatable)")],
+    ttl: Annotated[str, typer.Option(help="how long it is valid: 90s, 30m, 12h, 7d")] = "1h",
+    base_dir: FleetDirOption = ROOT / ".fleet",
+) -> None:
+    """Mint a bearer token from the running local fleet's issuer (prints it: `export FLEET_TOKEN=$(fleet token ...)`)."""
+    from services.common.auth import ROLES
+    from services.local.fleet import read_endpoints
+    from services.local.issuer import SigningKey, mint
+
+    unknown = [r for r in role if r not in ROLES]
+    if unknown:
+        raise _fail(f"--role: unknown {', '.join(unknown)} (known: {', '.join(ROLES)})", 2)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if len(ttl) < 2 or ttl[-1] not in units or not ttl[:-1].isdigit() or int(ttl[:-1]) == 0:
+        raise _fail(f"--ttl: expected a positive number with s, m, h or d (e.g. 1h), got {ttl!r}", 2)
+    issuer = read_endpoints(base_dir).get("issuer")
+    key_file = Path(base_dir) / "auth" / "signing-key.pem"
+    if not issuer or not key_file.exists():
+        raise _fail(f"no local fleet with an issuer in {base_dir}: start one with `fleet up`")
+    email = user if "@" in user else ""
+    print(
+        mint(
+            SigningKey.load_or_create(key_file),
+            issuer,
+            user,
+            role,
+            ttl_seconds=int(ttl[:-1]) * units[ttl[-1]],
+            email=email,
+        )
+    )
 
 
 # --- councils and deliberations (gRPC clients of the orchestrator) ----------------------------------------------
 
 
+def _local_fleet() -> dict[str, str]:
+    """The endpoints of the fleet `fleet up` runs from this checkout (FLEET_DIR, default .fleet), or {}."""
+    from services.local.fleet import read_endpoints
+
+    return read_endpoints(os.environ.get("FLEET_DIR") or ROOT / ".fleet")
+
+
 def _orchestrator_address() -> str:
-    return os.environ.get("ORCHESTRATOR_ADDRESS", "127.0.0.1:50055")
+    """ORCHESTRATOR_ADDRESS, else the running local fleet's orchestrator, else the default port."""
+    return os.environ.get("ORCHESTRATOR_ADDRESS") or _local_fleet().get("orchestrator") or "127.0.0.1:50055"
+
+
+def _token_value() -> str:
+    """The caller's bearer token: FLEET_TOKEN, else the local user's token of the running local fleet, else ""."""
+    from services.local.fleet import user_token
+
+    return os.environ.get("FLEET_TOKEN") or user_token(_local_fleet())
+
+
+def _token():
+    from services.common.auth import BearerToken
+
+    return BearerToken(value=_token_value())
 
 
 async def _ready_channel(address: str, wait_seconds: float):
-    import grpc
+    from services.common.auth import channel as authenticated_channel
 
-    channel = grpc.aio.insecure_channel(address)
+    channel = authenticated_channel(address, _token())
     try:
         await asyncio.wait_for(channel.channel_ready(), wait_seconds)
     except TimeoutError:

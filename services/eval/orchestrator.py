@@ -9,6 +9,7 @@ import grpc
 
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common.auth import BearerToken, channel
 from services.common.errors import Unavailable
 from services.deliberation.domain import DeliberationResult, Task
 from services.deliberation.proto import constraints_to_proto, result_from_proto
@@ -18,10 +19,10 @@ from services.eval.dataset import EvalError
 class OrchestratorClient:
     """`deliberate(task)` -> the domain result; a failed call is `Unavailable` naming the address and the status."""
 
-    def __init__(self, address: str, *, margin_seconds: float = 60.0) -> None:
+    def __init__(self, address: str, *, margin_seconds: float = 60.0, token: BearerToken | None = None) -> None:
         self.address = address
         self.margin_seconds = margin_seconds  # on top of the deliberation's own deadline
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = channel(address, token)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     async def check(self, wait_seconds: float = 10.0) -> None:

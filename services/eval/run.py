@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from services.common.auth import BearerToken
 from services.common.errors import FleetError
 from services.common.execution import Execution, ExecutionResult, Outcome
 from services.common.llm import VLLMClient
@@ -50,6 +51,7 @@ class Endpoints:
     orchestrator: str
     sandbox: str
     sources: dict[str, str] = field(default_factory=dict)  # endpoint -> where it came from
+    token: str = field(default="", repr=False)  # the bearer token sent to the fleet (FLEET_TOKEN, else the local one)
 
     def describe(self, name: str) -> str:
         value, source = getattr(self, name), self.sources.get(name)
@@ -74,7 +76,10 @@ def resolve_endpoints(given: Mapping[str, str], env: Mapping[str, str], fleet_di
             values[name] = fleet.get(key, "")
             if values[name]:
                 sources[name] = str(fleet_file)
-    return Endpoints(**values, sources=sources)
+    from services.local.fleet import read_endpoints, user_token
+
+    token = env.get("FLEET_TOKEN") or user_token(fleet if fleet is not None else read_endpoints(fleet_dir))
+    return Endpoints(**values, sources=sources, token=token)
 
 
 def require(endpoints: Endpoints, wanted: Sequence[Mode]) -> None:
@@ -196,10 +201,11 @@ async def run_eval(config: EvalConfig, progress: Progress) -> EvalResult:
         progress.say(f"{name.replace('_', ' ')}: {endpoints.describe(name)}")
     progress.say(f"model: {endpoints.describe('llm_model')}")
 
-    sandbox_client = SandboxClient(endpoints.sandbox)
+    token = BearerToken(value=endpoints.token)
+    sandbox_client = SandboxClient(endpoints.sandbox, token=token)
     sandbox = BoundedSandbox(sandbox_client, config.sandbox_slots)
     llm = VLLMClient(endpoints.llm_url, endpoints.llm_model, timeout=900.0, max_retries=2)
-    orchestrator = OrchestratorClient(endpoints.orchestrator) if set(wanted) & set(COUNCIL_MODES) else None
+    orchestrator = OrchestratorClient(endpoints.orchestrator, token=token) if set(wanted) & set(COUNCIL_MODES) else None
     try:
         if orchestrator is not None:
             await orchestrator.check()

@@ -13,16 +13,16 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
-import grpc
+import httpx
 import nats
 
 from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common import auth
 from services.common import events as ev
-from services.common.bus import EventBus
-from services.common.errors import FleetError
-from services.common.settings import FleetSettings
+from services.common.errors import FleetError, Unavailable
+from services.local.fleet import user_token
 
 WATCHED = (ev.Streams.ORCHESTRATOR_EVENTS, ev.Streams.AGENT_RESPONSES)  # what the demo reports progress from
 
@@ -72,15 +72,25 @@ def sample_plan(approved_by: str = "demo@swe-ai-fleet") -> ev.PlanApproved:
     )
 
 
-async def publish_approval(nats_url: str, approval: ev.PlanApproved) -> str:
-    """Publish a plan approval as the product owner's UI does; answers a one-line receipt."""
-    bus = await EventBus.connect(FleetSettings(nats_url=nats_url, metrics_port=0), ev.PO_UI)
-    try:
-        event = ev.make_event(approval, ev.PO_UI, correlation_id=f"{approval.story_id}:{approval.plan_id}"[:128])
-        ack = await bus.publish(event)
-        return f"published {event.event_type} {event.event_id} (stream {ack.stream}, seq {ack.seq})"
-    finally:
-        await bus.close()
+async def publish_approval(monitoring_url: str, approval: ev.PlanApproved, token: str = "") -> str:
+    """Approve a plan as the product owner's page does (POST /api/approve-plan with the caller's token and one
+    Idempotency-Key: a retry is published once); answers a one-line receipt, FleetError saying why it was refused."""
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    body = approval.model_dump(mode="json", exclude_defaults=True)
+    async with httpx.AsyncClient(base_url=monitoring_url, timeout=30) as http:
+        try:
+            reply = await http.post("/api/approve-plan", json=body, headers=headers)
+        except httpx.HTTPError as e:
+            raise Unavailable(f"monitoring at {monitoring_url}: {type(e).__name__}: {e}") from None
+    if reply.status_code != 201:
+        json_body = reply.headers.get("content-type", "").startswith("application/json")
+        raise FleetError(
+            f"approve-plan refused ({reply.status_code}): {reply.json()['detail'] if json_body else reply.text}"
+        )
+    a = reply.json()
+    return f"published {a['event_type']} {a['event_id']} (stream {a['stream']}, seq {a['seq']})"
 
 
 async def follow(
@@ -124,7 +134,7 @@ async def follow(
     try:
         subjects = [s for name in WATCHED for s in ev.STREAMS[name].subjects]
         subs = [await nc.subscribe(subject, cb=on_event) for subject in subjects]
-        say(await publish_approval(endpoints["nats"], approval))
+        say(await publish_approval(endpoints["monitoring"], approval, user_token(endpoints)))
         try:
             await asyncio.wait_for(done.wait(), timeout)
         except TimeoutError:
@@ -135,7 +145,7 @@ async def follow(
     finally:
         await nc.close()
 
-    async with grpc.aio.insecure_channel(endpoints["orchestrator"]) as channel:
+    async with auth.channel(endpoints["orchestrator"], auth.BearerToken(value=user_token(endpoints))) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         return [
             (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=ended[role]))).result

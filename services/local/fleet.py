@@ -7,7 +7,12 @@ command the container images run) on free ports:
     sandbox  ->  context (graph)  ->  ray-executor (Ray, vLLM, sandbox)
              ->  orchestrator (context, ray-executor, sandbox)  ->  monitoring
 
-then the councils are created with `fleet councils init` (the command the Kubernetes init Job runs). Logs go to
+then the councils are created with `fleet councils init` (the command the Kubernetes init Job runs).
+
+Every call is authenticated: a local token issuer (services/local/issuer.py: a signing key in `<base>/auth/`, OIDC
+discovery and JWKS on loopback) is AUTH_ISSUER for every service; each service calling others gets its own token
+(`<base>/auth/<service>.token`, role `service`) and the local user one with every role (`<base>/auth/user.token`,
+what the CLI sends when FLEET_TOKEN is unset). Logs go to
 one folder (`<base>/logs/<component>.log`), the process records to `<base>/state.json` (for `fleet down` and
 `stop_from_state`), the chosen endpoints to `<base>/endpoints.json`. Everything is stopped by PID, in reverse
 order, on exit, on Ctrl-C or on any failure while starting.
@@ -34,6 +39,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from services.local.infra import LocalInfra
+from services.local.issuer import LocalIssuer
 from services.local.processes import (
     Component,
     ManagedProcess,
@@ -50,6 +56,8 @@ log = logging.getLogger("fleet.local.fleet")
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = ROOT / ".fleet"
 ENDPOINTS_FILE = "endpoints.json"
+USER_TOKEN = "auth/user.token"  # the local user's token (every role), under the fleet's base directory
+SERVICE_TOKEN_TTL = 30 * 24 * 3600.0  # a local fleet may run for days; tokens are minted again at each start
 INFRA = ("nats", "valkey", "falkordb", "ray")
 SERVICES = ("sandbox", "context", "ray-executor", "orchestrator", "monitoring")
 COMPONENTS = (*INFRA, "vllm", *SERVICES)
@@ -109,11 +117,23 @@ def read_endpoints(base_dir: str | os.PathLike[str] = DEFAULT_BASE) -> dict[str,
 
 
 def client_env(endpoints: Mapping[str, str]) -> dict[str, str]:
-    """The environment variables clients read, for these endpoints (ORCHESTRATOR_ADDRESS, NATS_URL, ...)."""
+    """The environment variables clients read, for these endpoints (ORCHESTRATOR_ADDRESS, NATS_URL, ...;
+    FLEET_TOKEN, the local user's token, when the fleet wrote one)."""
     env = {ADDRESS_ENV[name]: address for name, address in endpoints.items() if name in ADDRESS_ENV}
     if "vllm_model" in endpoints:
         env["VLLM_MODEL"] = endpoints["vllm_model"]
+    if token := user_token(endpoints):
+        env["FLEET_TOKEN"] = token
     return env
+
+
+def user_token(endpoints: Mapping[str, str]) -> str:
+    """The local user's token of the fleet these endpoints describe ("" when it has none)."""
+    path = endpoints.get("user_token")
+    try:
+        return Path(path).read_text().strip() if path else ""
+    except FileNotFoundError:
+        return ""
 
 
 class LocalFleet:
@@ -129,6 +149,8 @@ class LocalFleet:
         self.infra = LocalInfra(self.base_dir, infra, die_with_parent=self.options.die_with_parent)
         self.endpoints: dict[str, str] = {}
         self.env: dict[str, str] = {}
+        self.issuer: LocalIssuer | None = None
+        self.tokens: dict[str, Path] = {}
         self._lock = threading.Lock()
 
     def _wanted(self) -> tuple[str, ...]:
@@ -167,12 +189,28 @@ class LocalFleet:
         self.endpoints["falkordb"] = self.infra.bolt_uri
         self.endpoints["vllm"], self.endpoints["vllm_model"] = llm_url, llm_model
         self.env = {**self.infra.env(), "VLLM_URL": llm_url, "VLLM_MODEL": llm_model}
+        self._start_issuer()
         self._command("streams", ["streams", "init"])
         for name in SERVICES:
             if name in self.status:
                 self._start_service(name)
         self._command("councils", ["councils", "init", "--agents", str(self.options.agents)])
         self._write_endpoints()
+
+    def _start_issuer(self) -> None:
+        """The local issuer, a token per service that calls others, and the local user's token (every role)."""
+        import getpass
+
+        self.issuer = LocalIssuer(self.base_dir / "auth", HOST)
+        for name in SERVICES:
+            if name != "sandbox" and name in self.status:
+                token = self.issuer.mint(f"fleet:{name}", ["service"], ttl_seconds=SERVICE_TOKEN_TTL)
+                self.tokens[name] = self.issuer.write_token(name, token)
+        user = getpass.getuser()
+        token = self.issuer.mint(user, ["admin"], email=f"{user}@localhost", ttl_seconds=SERVICE_TOKEN_TTL)
+        self.tokens["user"] = self.issuer.write_token("user", token)
+        self.endpoints["issuer"] = self.issuer.url
+        self.endpoints["user_token"] = str(self.tokens["user"])
 
     def _start_llm(self, port: int | None = None) -> tuple[str, str]:
         if self.options.llm_url:
@@ -195,8 +233,17 @@ class LocalFleet:
         if name == "sandbox":  # started without the inherited environment (see the module's docstring)
             own = {k: v for k, v in os.environ.items() if k.startswith("SANDBOX_")}
             path = os.environ.get("PATH", os.defpath)
-            return {**own, "PATH": path, "GRPC_PORT": str(port), "METRICS_PORT": str(free_port()), "LOG_FORMAT": "text"}
+            return {
+                **own,
+                "PATH": path,
+                "GRPC_PORT": str(port),
+                "METRICS_PORT": str(free_port()),
+                "LOG_FORMAT": "text",
+                "AUTH_ISSUER": self.endpoints["issuer"],  # public keys only: the sandbox still holds no credential
+            }
         env = {**self.env, "METRICS_PORT": str(free_port()), "LOG_FORMAT": "text"}
+        env["AUTH_ISSUER"] = self.endpoints["issuer"]
+        env["AUTH_TOKEN_FILE"] = str(self.tokens[name])
         if name == "monitoring":
             env["MONITORING_PORT"] = str(port)
             env["ORCHESTRATOR_ADDRESS"] = self.endpoints["orchestrator"]
@@ -267,7 +314,7 @@ class LocalFleet:
 
     def _command(self, label: str, args: list[str]) -> None:
         """Run a `fleet` command (the one the Kubernetes Jobs run) against this fleet; its output goes to the log."""
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.env, "FLEET_TOKEN": self.tokens["user"].read_text().strip()}
         if "orchestrator" in self.endpoints:
             env["ORCHESTRATOR_ADDRESS"] = self.endpoints["orchestrator"]
         log_path = self.log_dir / f"{label}.log"
@@ -293,6 +340,8 @@ class LocalFleet:
     def stop(self) -> None:
         (self.base_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
         self.infra.stop()
+        if self.issuer is not None:
+            self.issuer.stop()
         for name, (address, state) in list(self.status.items()):
             if state != "waiting":
                 self._set(name, address, "stopped")

@@ -4,6 +4,8 @@ With ORCHESTRATOR_ADDRESS (and NATS_URL, CONTEXT_ADDRESS; optionally MONITORING_
 environment, the tests use that fleet: the Kubernetes e2e Job sets them to the in-cluster Services. Without, the
 session starts the whole fleet itself (`services.local.fleet`, as `fleet up` does) with the real vLLM serving
 `Qwen/Qwen3-0.6B`'s request shape (the tiny random-weight Qwen3 of `make llm`), and stops it by PID at the end.
+Calls carry a bearer token: FLEET_TOKEN for an external fleet (the Job's, from a Secret), else the local user's token
+of the fleet the session started (its issuer checks every call).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 
 from fleet.context.v1 import context_pb2_grpc
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
-from services.local.fleet import ADDRESS_ENV, FleetOptions, LocalFleet
+from services.common import auth
+from services.local.fleet import ADDRESS_ENV, FleetOptions, LocalFleet, user_token
 
 REQUIRED = ("orchestrator", "nats", "context")
 
@@ -26,6 +29,11 @@ REQUIRED = ("orchestrator", "nats", "context")
 class Fleet:
     endpoints: dict[str, str]  # component -> address, as in .fleet/endpoints.json
     local: LocalFleet | None  # the fleet this session started (None: an external one, e.g. in Kubernetes)
+    token: str = ""  # the bearer token the tests send
+
+    def channel(self, name: str) -> grpc.aio.Channel:
+        """A channel to a service whose calls carry the token."""
+        return auth.channel(self.endpoints[name], auth.BearerToken(value=self.token))
 
 
 def _from_environment() -> dict[str, str] | None:
@@ -42,11 +50,11 @@ def _from_environment() -> dict[str, str] | None:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     external = _from_environment()
     if external is not None:
-        yield Fleet(external, None)
+        yield Fleet(external, None, os.environ.get("FLEET_TOKEN", ""))
         return
     options = FleetOptions(base_dir=tmp_path_factory.mktemp("fleet"), model="qwen3-tiny", executor="ray")
     with LocalFleet(options) as local:
-        yield Fleet(dict(local.endpoints), local)
+        yield Fleet(dict(local.endpoints), local, user_token(local.endpoints))
 
 
 @pytest.fixture
@@ -59,11 +67,11 @@ def local_fleet(fleet: Fleet) -> LocalFleet:
 
 @pytest.fixture
 async def orchestrator(fleet: Fleet):
-    async with grpc.aio.insecure_channel(fleet.endpoints["orchestrator"]) as channel:
+    async with fleet.channel("orchestrator") as channel:
         yield orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
 @pytest.fixture
 async def context(fleet: Fleet):
-    async with grpc.aio.insecure_channel(fleet.endpoints["context"]) as channel:
+    async with fleet.channel("context") as channel:
         yield context_pb2_grpc.ContextServiceStub(channel)

@@ -23,10 +23,11 @@ from openai_server import start_openai_server
 from fleet.deliberation.v1 import deliberation_pb2 as dpb
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common import auth
 from services.common import events as ev
 from services.deliberation.proto import result_from_proto
 from services.local.demo import SLUGIFY_TESTS, publish_approval
-from services.local.fleet import FleetOptions, LocalFleet
+from services.local.fleet import FleetOptions, LocalFleet, user_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -71,7 +72,8 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalFl
 @pytest.fixture
 async def orchestrator(scripted):
     fleet, _ = scripted
-    async with grpc.aio.insecure_channel(fleet.endpoints["orchestrator"]) as channel:
+    token = auth.BearerToken(value=user_token(fleet.endpoints))
+    async with auth.channel(fleet.endpoints["orchestrator"], token) as channel:
         yield orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
@@ -113,7 +115,7 @@ async def test_a_plan_runs_qa_on_devs_verified_code_and_the_dashboard_shows_it(s
             ),
         ],
     )
-    await publish_approval(fleet.endpoints["nats"], approval)
+    await publish_approval(fleet.endpoints["monitoring"], approval, user_token(fleet.endpoints))
     results = {}
     async with asyncio.timeout(300):
         for task_id in (f"{story}-qa", f"{story}-dev"):  # QA ends last: then DEV's record carries the link
@@ -134,6 +136,8 @@ async def test_a_plan_runs_qa_on_devs_verified_code_and_the_dashboard_shows_it(s
     assert own.passed and "against the code it builds on: 2/2 passed" in own.detail
     assert any(n.startswith(f"QA task {story}-qa's winning tests against DEV task {story}-dev") for n in dev.notes)
 
-    async with httpx.AsyncClient(base_url=fleet.endpoints["monitoring"], timeout=10) as http:
+    headers = {"Authorization": f"Bearer {user_token(fleet.endpoints)}"}
+    async with httpx.AsyncClient(base_url=fleet.endpoints["monitoring"], timeout=10, headers=headers) as http:
+        assert (await http.get(f"/api/deliberations/{story}-dev", headers={"Authorization": ""})).status_code == 401
         shown = (await http.get(f"/api/deliberations/{story}-dev")).json()
     assert shown["verified"] is True and shown["verified_reason"] == dev.verified_reason
