@@ -2,7 +2,7 @@
 
 People and callers present `Authorization: Bearer <JWT>` (an HTTP header, or the gRPC metadata `authorization`).
 A token is accepted when its signature verifies with a key of the issuer's JWKS (found by OIDC discovery from
-AUTH_ISSUER), it is within its validity (`exp`, `nbf`, give or take AUTH_LEEWAY_SECONDS),
+AUTH_ISSUER, or read from AUTH_JWKS_FILE by a service that may not call out, the sandbox), it is within its validity (`exp`, `nbf`, give or take AUTH_LEEWAY_SECONDS),
 its `iss` is AUTH_ISSUER and its `aud` holds AUTH_AUDIENCE. Only asymmetric algorithms are accepted: no `none`,
 no HMAC (a public key is never a shared secret). Keys are cached; a token naming an unknown `kid` fetches them
 again, at most once per `refresh_interval` (garbage key ids cannot make a service hammer its issuer).
@@ -120,13 +120,15 @@ class Authenticator:
         *,
         roles_claim: str = "roles",
         leeway_seconds: float = 30.0,
-        refresh_interval: float = 10.0,
+        refresh_interval: float = 1.0,
         http_timeout: float = 5.0,
+        jwks_file: str = "",
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.audience = audience
         self.roles_claim = roles_claim
         self.jwks_url = ""  # from the discovery document
+        self.jwks_file = jwks_file
         self.leeway = leeway_seconds
         self.refresh_interval = refresh_interval
         self.http_timeout = http_timeout
@@ -145,6 +147,7 @@ class Authenticator:
             settings.auth_audience,
             roles_claim=settings.auth_roles_claim,
             leeway_seconds=settings.auth_leeway_seconds,
+            jwks_file=settings.auth_jwks_file,
         )
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -211,13 +214,17 @@ class Authenticator:
     async def _refresh(self) -> None:
         self._fetched_at = time.monotonic()
         try:
-            async with httpx.AsyncClient(timeout=self.http_timeout) as http:
-                url = self.jwks_url or await self._discover(http)
-                reply = await http.get(url)
-                reply.raise_for_status()
-                keys = jwt.PyJWKSet.from_dict(reply.json()).keys
-        except (httpx.HTTPError, ValueError, jwt.PyJWTError) as e:
-            self._fetch_error = f"the keys of {self.issuer} could not be fetched: {type(e).__name__}: {e}"
+            if self.jwks_file:
+                keys = jwt.PyJWKSet.from_json(await asyncio.to_thread(Path(self.jwks_file).read_text)).keys
+            else:
+                async with httpx.AsyncClient(timeout=self.http_timeout) as http:
+                    url = self.jwks_url or await self._discover(http)
+                    reply = await http.get(url)
+                    reply.raise_for_status()
+                    keys = jwt.PyJWKSet.from_dict(reply.json()).keys
+        except (httpx.HTTPError, OSError, ValueError, jwt.PyJWTError) as e:
+            where = self.jwks_file or self.jwks_url or self.issuer
+            self._fetch_error = f"the keys of {self.issuer} could not be read from {where}: {type(e).__name__}: {e}"
             log.warning("%s", self._fetch_error)
             return
         self._keys = {k.key_id: k for k in keys}

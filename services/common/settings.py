@@ -37,6 +37,10 @@ class ServiceSettings(BaseSettings):
     auth_audience: str = Field("swe-ai-fleet", min_length=1, description="the `aud` every token must carry")
     auth_roles_claim: str = Field("roles", pattern=r"^[A-Za-z0-9_:\-]+(\.[A-Za-z0-9_:\-]+)*$")
     auth_leeway_seconds: float = Field(30.0, ge=0, le=600, description="clock skew allowed on exp/nbf")
+    auth_jwks_file: str = Field(
+        "",
+        description="the issuer's JWKS read from this file instead of fetched (a service without egress: the sandbox)",
+    )
 
 
 class FleetSettings(ServiceSettings):

@@ -146,6 +146,21 @@ async def test_a_rotated_key_is_fetched_when_a_token_names_it(tmp_path):
             await limited.authenticate("Bearer " + issuer.mint("x", ["viewer"]))
 
 
+async def test_keys_from_a_file_for_a_service_that_may_not_call_out(issuer, tmp_path):
+    """The sandbox has no egress: it reads the issuer's JWKS from a mounted file; none there is UNAVAILABLE, not a
+    caller's fault."""
+    from services.common.errors import Unavailable
+
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": []}))
+    offline = auth.Authenticator(issuer.url, "swe-ai-fleet", jwks_file=str(jwks), refresh_interval=0)
+    token = "Bearer " + issuer.mint("orchestrator", ["service"])
+    with pytest.raises(Unavailable, match="could not be read from"):
+        await offline.authenticate(token)
+    jwks.write_text(json.dumps(issuer.jwks()))
+    assert (await offline.authenticate(token)).subject == "orchestrator"
+
+
 def test_a_token_file_is_read_again_when_it_changes(tmp_path):
     path = tmp_path / "svc.token"
     path.write_text("one\n")
@@ -196,6 +211,7 @@ async def guarded(issuer):
 
     class Settings:
         auth_issuer, auth_audience, auth_roles_claim, auth_leeway_seconds = issuer.url, "swe-ai-fleet", "roles", 5.0
+        auth_jwks_file = ""
 
     guard = auth.service_guard(Settings, SERVICE, roles, audited=["UpdateContext"])
     server = GrpcServer(
