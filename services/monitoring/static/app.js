@@ -111,7 +111,9 @@ function needSignIn(detail) {
   state.me = null;
   renderUser();
   const box = $("signin");
-  $("signin-why").textContent = tabToken() ? `Your token was refused: ${detail}` : `Sign in to use the dashboard (${detail}).`;
+  const why = $("signin-why");
+  why.textContent = tabToken() ? `Your token was refused: ${detail}` : "This dashboard needs you to sign in: paste a bearer token.";
+  why.className = tabToken() ? "error" : "";
   if (box.hidden) {
     box.hidden = false;
     $("signin-token").focus();
@@ -137,6 +139,7 @@ async function signIn(e) {
   const token = $("signin-token").value.trim().replace(/^Bearer\s+/i, "");
   if (!token) {
     $("signin-why").textContent = "Paste a token first.";
+    $("signin-why").className = "error";
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
@@ -210,7 +213,7 @@ async function pollDependencies() {
   const lines = [];
   try {
     const r = await api("/api/dependencies");
-    if (r.status === 401) return; // the sign-in box says it
+    if (r.status === 401 || r.status === 403) return; // the sign-in box or the banner says it
     if (!r.ok) throw new Error(problem(r));
     for (const d of r.body.dependencies) {
       setPill(`pill-${d.name}`, d.ok, `${d.name} ${d.address}: ${d.detail}`);
@@ -927,9 +930,14 @@ async function init() {
   showTab();
   await loadMe(); // without a token the server wants: the sign-in box
   let r = await api("/api/catalog");
-  const waited = r.status === 401;
-  while (r.status === 401) {
+  const waited = r.status === 401 || r.status === 403;
+  while (r.status === 401 || r.status === 403) {
+    if (r.status === 403) {
+      $("banner").replaceChildren(h("div", { class: "banner-line", dataset: { dependency: "auth" } }, `${problem(r)}: sign out and sign in with a token that may read`));
+      $("banner").hidden = false;
+    }
     await whenSignedIn();
+    $("banner").hidden = true;
     r = await api("/api/catalog");
   }
   if (!r.ok) {

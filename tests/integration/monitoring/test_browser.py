@@ -6,6 +6,7 @@ Screenshots go to the `artifacts` folder (test-artifacts/monitoring-*.png).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,9 +16,9 @@ import pytest
 from services.common import events as ev
 from services.common.bus import EventBus
 from services.deliberation.domain import Task
-from services.monitoring.main import RunningMonitoring
+from services.monitoring.main import RunningMonitoring, start
 
-from .conftest import port_of
+from .conftest import approval_payload, monitoring_settings, port_of
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -54,16 +55,31 @@ async def browser() -> AsyncIterator[object]:
         await browser.close()
 
 
-@pytest.fixture
-async def page(browser, monitoring: RunningMonitoring):
+@contextlib.asynccontextmanager
+async def new_page(browser, url: str) -> AsyncIterator[object]:
+    """A page of a new browser context (its own sessionStorage) on the dashboard at `url`; no JavaScript error."""
     context = await browser.new_context(viewport={"width": 1440, "height": 960})
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.base_url = monitoring.url  # type: ignore[attr-defined]
+    page.base_url = url  # type: ignore[attr-defined]
     yield page
     await context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+async def page(browser, monitoring: RunningMonitoring):
+    async with new_page(browser, monitoring.url) as page:
+        yield page
+
+
+@pytest.fixture
+async def secured(nats_url: str, bus: EventBus, issuer) -> AsyncIterator[RunningMonitoring]:
+    """The monitoring service accepting the bearer tokens of the local issuer (authentication on)."""
+    running = await start(monitoring_settings(nats_url, auth_issuer=issuer.url), port=0)
+    yield running
+    await running.stop()
 
 
 async def open_tab(page, tab: str) -> None:
@@ -159,14 +175,13 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     from playwright.async_api import expect
 
     await open_tab(page, "approve")
-    await page.fill("#f-story", "S 42")  # a space: not a valid id
-    await page.fill("#f-plan", "P-1")
+    await page.fill("#f-story", "S 42")  # a space: not a valid id; no plan id
     await page.click("#add-task")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=task_id]", "T-1")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=tests]", "x = 1\n")
     await page.click("#approve-submit")
 
-    await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_have_text(
+    await expect(page.locator('.field[data-field="plan_id"] .field-error')).to_have_text(
         "Field required", timeout=WAIT_MS
     )
     await expect(page.locator('.field[data-field="tasks.0.tests"] .field-error')).to_contain_text(
@@ -178,13 +193,15 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     await expect(page.locator('.field[data-field="tasks.0.description"] .field-error')).to_contain_text(
         "at least 1 character"
     )
-    await expect(page.locator('.field[data-field="plan_id"] .field-error')).to_be_empty()
+    # Without authentication the approver is optional ('anonymous' when left empty).
+    await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_be_empty()
     await expect(page.locator("#approve-result")).to_have_text("Please fix the highlighted fields.")
     await page.screenshot(path=str(artifacts / "monitoring-validation.png"), full_page=True)
     assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 0
 
     # Fixed, but a second task depends on itself: the plan's rule is shown at that task's depends_on.
     await page.fill("#f-story", "S-42")
+    await page.fill("#f-plan", "P-1")
     await page.fill("#f-by", "po@example.com")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=description]", "Add a rate limiter")
     await page.fill("#f-tasks .task-row >> nth=0 >> [name=tests]", RATE_TESTS)
@@ -196,7 +213,7 @@ async def test_validation_errors_appear_next_to_the_fields(page, bus: EventBus, 
     await expect(page.locator('.field[data-field="tasks.1.depends_on"] .field-error')).to_have_text(
         "task T-2 depends on itself", timeout=WAIT_MS
     )
-    await expect(page.locator('.field[data-field="approved_by"] .field-error')).to_be_empty()
+    await expect(page.locator('.field[data-field="plan_id"] .field-error')).to_be_empty()
     await expect(page.locator('.field[data-field="tasks.0.tests"] .field-error')).to_be_empty()
 
     # Fixed, it goes through and the errors go away; the event carries the tests and the dependency.
@@ -440,3 +457,145 @@ async def test_grounded_deliberations_show_verified_and_the_failing_tests(
         await page.screenshot(path=str(artifacts / "monitoring-grounded-not-verified.png"), full_page=True)
     finally:
         await llm_server.acontrol(reset=True, delay_ms=20)
+
+
+SIGN_IN_HINT = "fleet token --role product-owner --user you@example.com"
+
+
+async def fill_plan(page, story: str, plan: str) -> None:
+    await page.fill("#f-story", story)
+    await page.fill("#f-plan", plan)
+    await page.check("#f-roles input[value=DEV]")
+
+
+async def sign_in(page, token: str) -> None:
+    await page.fill("#signin-token", token)
+    await page.click("#signin-submit")
+
+
+async def test_sign_in_with_a_token_and_approve_as_its_subject(
+    browser, secured: RunningMonitoring, bus, issuer, artifacts
+):
+    """Authentication on: without a token the page asks for one and the approval is refused; signed in as a
+    product owner (the token in this tab only, sent as a header, never in a URL) the approval is sent again and
+    published once, its approver the token's subject, and the live feed shows it."""
+    from playwright.async_api import expect
+
+    async with new_page(browser, secured.url) as page:
+        urls: list[str] = []
+        page.on("request", lambda request: urls.append(request.url))
+        await page.goto(f"{secured.url}/#approve")
+        signin = page.locator("#signin")
+        await expect(signin).to_be_visible(timeout=WAIT_MS)
+        await expect(signin).to_contain_text(SIGN_IN_HINT)
+        await expect(page.locator("#user")).to_be_hidden()
+
+        await page.fill("#f-story", "S-42")
+        await page.fill("#f-plan", "P-1")
+        await page.click("#approve-submit")
+        result = page.locator("#approve-result")
+        await expect(result).to_have_attribute("data-status", "401", timeout=WAIT_MS)
+        await expect(result).to_contain_text("sign in first")
+        await expect(signin).to_be_visible()
+        await page.screenshot(path=str(artifacts / "monitoring-sign-in.png"), full_page=True)
+        assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 0
+
+        token = issuer.mint("alice@example.com", roles=["viewer", "product-owner"])
+        await sign_in(page, token)
+        await expect(signin).to_be_hidden(timeout=WAIT_MS)
+        await expect(page.locator("#user-name")).to_have_text("signed in as alice@example.com · product-owner, viewer")
+        # The approval waiting for the sign-in goes out, as alice (the approver is the token's, not a field).
+        await expect(result).to_contain_text("Published planning.plan.approved", timeout=WAIT_MS)
+        await expect(page.locator("#f-by")).to_be_hidden()
+        await expect(page.locator("#f-by-token")).to_have_text("approved by alice@example.com")
+        await expect(page.locator("#pill-feed")).to_have_attribute("data-state", "ok", timeout=WAIT_MS)
+        seen = page.locator('#progress-events li[data-event-type="planning.plan.approved"]')
+        await expect(seen).to_contain_text("plan P-1 of story S-42 approved by alice@example.com", timeout=WAIT_MS)
+        await page.screenshot(path=str(artifacts / "monitoring-signed-in.png"), full_page=True)
+
+        assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 1
+        stored = await bus.js.get_msg(ev.Streams.PLANNING_EVENTS, 1)
+        event = ev.parse_event(stored.data, stored.subject)
+        assert event.actor == "alice@example.com" and event.payload.approved_by == "alice@example.com"
+
+        # The token stays in this tab (sessionStorage) and never appears in a URL.
+        assert await page.evaluate("sessionStorage.getItem('fleet.token')") == token
+        assert await page.evaluate("localStorage.length") == 0
+        assert urls and not [u for u in urls if token in u]
+
+
+async def test_a_viewer_is_told_what_it_lacks_and_signs_out(
+    browser, secured: RunningMonitoring, bus, issuer, artifacts
+):
+    """A refused token keeps the sign-in box with the reason; a token that may not read is told so; a viewer sees the
+    dashboard, and its approval is refused with the role it lacks, next to the button; signing out forgets the token."""
+    from playwright.async_api import expect
+
+    async with new_page(browser, secured.url) as page:
+        await page.goto(f"{secured.url}/#approve")
+        signin = page.locator("#signin")
+        await expect(signin).to_be_visible(timeout=WAIT_MS)
+        expired = issuer.mint("bob@example.com", roles=["viewer"], ttl_seconds=-120)
+        await sign_in(page, expired)
+        await expect(page.locator("#signin-why")).to_contain_text(
+            "Your token was refused: token expired", timeout=WAIT_MS
+        )
+        await expect(signin).to_be_visible()
+        assert await page.evaluate("sessionStorage.getItem('fleet.token')") is None
+
+        # A token without a role that may read: signed in, told what it lacks, and it can sign out.
+        await sign_in(page, issuer.mint("nobody@example.com", roles=[]))
+        await expect(page.locator("#user-name")).to_have_text("signed in as nobody@example.com · no roles")
+        await expect(page.locator("#banner")).to_contain_text("nobody@example.com lacks role viewer", timeout=WAIT_MS)
+        await page.click("#sign-out")
+        await expect(signin).to_be_visible(timeout=WAIT_MS)
+
+        await sign_in(page, issuer.mint("bob@example.com", roles=["viewer"]))
+        await expect(signin).to_be_hidden(timeout=WAIT_MS)
+        await expect(page.locator("#user-name")).to_have_text("signed in as bob@example.com · viewer")
+        await expect(page.locator("#pill-feed")).to_have_attribute("data-state", "ok", timeout=WAIT_MS)
+        await fill_plan(page, "S-43", "P-1")
+        await page.click("#approve-submit")
+        result = page.locator("#approve-result")
+        await expect(result).to_have_attribute("data-status", "403", timeout=WAIT_MS)
+        await expect(result).to_contain_text("bob@example.com lacks role product-owner")
+        await page.screenshot(path=str(artifacts / "monitoring-viewer-refused.png"), full_page=True)
+        assert (await bus.js.stream_info(ev.Streams.PLANNING_EVENTS)).state.messages == 0
+
+        await page.click("#sign-out")
+        await expect(signin).to_be_visible(timeout=WAIT_MS)
+        await expect(page.locator("#user")).to_be_hidden()
+        assert await page.evaluate("sessionStorage.getItem('fleet.token')") is None
+
+
+async def test_the_live_feed_reconnects_after_the_service_restarts(browser, nats_url: str, bus: EventBus):
+    """The feed (fetch, not EventSource) notices the service going away, says so, and reconnects when it is back;
+    what the page had is not shown twice, what happened meanwhile arrives."""
+    from playwright.async_api import expect
+
+    settings = monitoring_settings(nats_url)
+    running = await start(settings, port=0)
+    port = running.port
+    try:
+        async with new_page(browser, running.url) as page:
+            await open_tab(page, "timeline")
+            await bus.publish(ev.make_event(approval_payload("S-1"), ev.MONITORING))
+            rows = page.locator('#timeline tr[data-event-type="planning.plan.approved"]')
+            await expect(rows).to_have_count(1, timeout=WAIT_MS)
+
+            # Going away, the service drops its feed clients (as one that falls behind is dropped), then stops.
+            hub = running.monitoring.feed.hub
+            for client in list(hub.clients):
+                hub._drop(client, "the service is stopping")
+            await running.stop(timeout=2)
+            pill = page.locator("#pill-feed")
+            await expect(pill).to_have_attribute("data-state", "down", timeout=WAIT_MS)
+            await expect(pill).to_have_attribute("title", re.compile(r"reconnecting in \d"))
+            await bus.publish(ev.make_event(approval_payload("S-2"), ev.MONITORING))
+
+            running = await start(settings, port=port)
+            await expect(pill).to_have_attribute("data-state", "ok", timeout=20_000)
+            await expect(rows).to_have_count(2, timeout=WAIT_MS)
+            await expect(rows.filter(has_text="S-1")).to_have_count(1)
+    finally:
+        await running.stop(timeout=2)
