@@ -26,5 +26,5 @@ def server(openai_server: ServerHandle) -> ServerHandle:
 
 @pytest.fixture
 async def client(server: ServerHandle) -> AsyncIterator[VLLMClient]:
-    async with VLLMClient(server.url, "test-model", timeout=5, max_retries=3, backoff_base=0.01, backoff_max=2) as c:
+    async with VLLMClient(server.url, "test-model", timeout=5, max_retries=3) as c:
         yield c

@@ -259,7 +259,7 @@ async def test_fail_when_contains_targets_one_agent(client: VLLMClient, server: 
 async def test_server_down_is_unavailable_quickly() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    async with VLLMClient(url, "test-model", max_retries=2, backoff_base=0.01) as client:
+    async with VLLMClient(url, "test-model", max_retries=2) as client:
         with pytest.raises(Unavailable) as caught:
             await client.complete(request())
         assert not await client.health()
@@ -271,7 +271,7 @@ async def test_server_down_is_unavailable_quickly() -> None:
 
 async def test_timeout_is_retried_then_unavailable(server: ServerHandle) -> None:
     await server.acontrol(delay_ms=1000)
-    async with VLLMClient(server.url, "test-model", timeout=0.3, max_retries=1, backoff_base=0.01) as client:
+    async with VLLMClient(server.url, "test-model", timeout=0.3, max_retries=1) as client:
         with pytest.raises(Unavailable, match=r"unavailable after 2 attempts: timed out after 0.3s"):
             await client.complete(request())
     assert (await server.astats())["calls"] == 2

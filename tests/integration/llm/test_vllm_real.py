@@ -102,7 +102,7 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture
 async def qwen(vllm: VLLMServer) -> AsyncIterator[VLLMClient]:
-    async with VLLMClient(vllm.url, vllm.model, timeout=60, max_retries=1, backoff_base=0.05) as client:
+    async with VLLMClient(vllm.url, vllm.model, timeout=60, max_retries=1) as client:
         yield client
 
 
@@ -224,7 +224,7 @@ async def test_server_stopped_mid_answer_raises_unavailable(smollm2: VLLMServer)
         temperature=0.0,
         max_tokens=1500,
     )
-    async with VLLMClient(smollm2.url, smollm2.model, timeout=30, max_retries=2, backoff_base=0.05) as client:
+    async with VLLMClient(smollm2.url, smollm2.model, timeout=30, max_retries=2) as client:
         call = asyncio.create_task(client.complete(long_answer, on_delta=on_delta))
         await asyncio.wait_for(first_delta.wait(), 60)
         t0 = time.monotonic()
