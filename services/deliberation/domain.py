@@ -279,6 +279,7 @@ class Task:
     context: str = ""
     context_version: str = ""
     base_code: str = ""
+    requested_by: str = ""  # who asked: the authenticated caller of Deliberate, or the approver of the plan
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id.strip():
@@ -577,6 +578,7 @@ class DeliberationResult:
     verified_reason: str = ""
     notes: tuple[str, ...] = ()  # what went less than well without failing the deliberation
     interrupted: bool = False  # FAILED because its runner went away mid-deliberation (a plan's redelivery reruns it)
+    requested_by: str = ""  # who asked for it (the task's `requested_by`)
 
     @classmethod
     def pending(cls, deliberation_id: str, task: Task, council_id: str, executor: str = "") -> DeliberationResult:
@@ -590,6 +592,7 @@ class DeliberationResult:
             context_version=task.context_version,
             executor=executor,
             story_id=task.story_id,
+            requested_by=task.requested_by,
         )
 
     @property

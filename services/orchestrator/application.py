@@ -226,6 +226,7 @@ class Orchestrator:
             story_id=task.story_id,
             context_version=task.context_version,
             context_note=context_note,
+            requested_by=task.requested_by,
         )
         if annotate is not None:
             result = await annotate(result)
@@ -318,7 +319,7 @@ class Orchestrator:
         approval reruns only the deliberations that have not ended (their ids derive from the event id)."""
         plan = event.payload
         cid = event.correlation_id or event.event_id
-        planned = plan_tasks(plan)
+        planned = [replace(p, task=replace(p.task, requested_by=plan.approved_by)) for p in plan_tasks(plan)]
         loop = asyncio.get_running_loop()
         ended: dict[str, asyncio.Future[DeliberationResult]] = {p.task.task_id: loop.create_future() for p in planned}
 

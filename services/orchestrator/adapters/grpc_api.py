@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import grpc
 
 from fleet.orchestrator.v1 import orchestrator_pb2 as pb
 from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+from services.common.auth import current_principal
 from services.common.errors import InvalidArgument
 from services.common.events import Role
 from services.deliberation.domain import Council, ProgressEvent, Task
@@ -51,13 +53,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def Deliberate(
         self, request: pb.DeliberateRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeliberateResponse:
-        task = task_from_request(request)
+        task = replace(task_from_request(request), requested_by=current_principal.get().actor)
         result = await self.app.deliberate(task, num_agents=request.num_agents, phase=request.phase or "BUILD")
         return pb.DeliberateResponse(result=result_to_proto(result))
 
     async def StreamDeliberation(self, request: pb.StreamDeliberationRequest, context: grpc.aio.ServicerContext):
         r = request.deliberation
-        task = task_from_request(r)
+        task = replace(task_from_request(r), requested_by=current_principal.get().actor)
         queue: asyncio.Queue[ProgressEvent] = asyncio.Queue()
         run = asyncio.create_task(
             self.app.deliberate(task, num_agents=r.num_agents, phase=r.phase or "BUILD", on_progress=queue.put)

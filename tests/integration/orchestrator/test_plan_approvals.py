@@ -65,6 +65,7 @@ async def test_approval_runs_one_deliberation_per_role(stub, bus):
     assert len(rec.of("orchestration.task.dispatched")) == 2
     reply = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id="S-1:P-1:DEV"))).result
     assert reply.status == dpb.DELIBERATION_STATUS_COMPLETED and reply.story_id == "S-1"
+    assert reply.requested_by == "po"  # the plan's approver asked for it
 
 
 async def test_explicit_tasks_are_deliberated_by_their_roles(stub, bus):

@@ -277,7 +277,7 @@ async def test_no_orchestrator_configured_is_said_plainly():
 
 def test_the_approval_schema_is_the_catalogs_plus_what_its_validators_enforce():
     """ApprovalRequest is derived from the catalog's PlanApproved, not written again: its schema is the catalog's,
-    with `timestamp` optional and what the validators enforce stated where JSON Schema can."""
+    with `timestamp` and `approved_by` optional and what the validators enforce stated where JSON Schema can."""
     ours, catalog = ApprovalRequest.model_json_schema(), ev.PlanApproved.model_json_schema()
     task, catalog_task = ours["$defs"].pop("ApprovalTask"), catalog["$defs"].pop("PlanTask")
     assert task["properties"]["description"].pop("pattern") == r"\S"
@@ -287,7 +287,14 @@ def test_the_approval_schema_is_the_catalogs_plus_what_its_validators_enforce():
     assert task == catalog_task
 
     props, catalog_props = ours["properties"], catalog["properties"]
-    assert props["approved_by"].pop("pattern") == r"\S"
+    approver = props.pop("approved_by")  # optional: the token names the approver when the server authenticates
+    assert approver["default"] is None and "approved_by" not in ours["required"]
+    assert "token" in approver["description"]
+    (text,) = [s for s in approver["anyOf"] if s.get("type") == "string"]
+    catalog_approver = catalog_props.pop("approved_by")
+    catalog_approver.pop("title")
+    assert text.pop("pattern") == r"\S" and text == catalog_approver
+    catalog["required"].remove("approved_by")
     assert props["roles"]["anyOf"][0].pop("minItems") == 1 and props["roles"]["anyOf"][0].pop("uniqueItems") is True
     assert "depends_on" in props["tasks"].pop("description")
     assert props["tasks"]["anyOf"][0].pop("items") == {"$ref": "#/$defs/ApprovalTask"}

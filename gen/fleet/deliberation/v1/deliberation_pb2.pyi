@@ -232,7 +232,7 @@ class AgentFailure(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeliberationResult(_message.Message):
-    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note", "verified", "verified_reason", "notes", "started_at", "finished_at", "interrupted")
+    __slots__ = ("task_id", "status", "results", "winner_id", "duration_ms", "deliberation_id", "role", "council_id", "selection", "critiques", "usage", "phase_durations", "failures", "error_message", "context_version", "total_tokens", "executor", "story_id", "context_note", "verified", "verified_reason", "notes", "started_at", "finished_at", "interrupted", "requested_by")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +258,7 @@ class DeliberationResult(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     status: DeliberationStatus
     results: _containers.RepeatedCompositeFieldContainer[RankedProposal]
@@ -283,7 +284,8 @@ class DeliberationResult(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     interrupted: bool
-    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interrupted: _Optional[bool] = ...) -> None: ...
+    requested_by: str
+    def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interrupted: _Optional[bool] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail")
