@@ -32,6 +32,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(infra_app, name="infra")
 app.add_typer(llm_app, name="llm")
 app.add_typer(councils_app, name="councils")
+deliberations_app = typer.Typer(help="Deliberations of the running fleet.", no_args_is_help=True)
+app.add_typer(deliberations_app, name="deliberations")
 
 console = Console()
 err = Console(stderr=True)
@@ -423,10 +425,45 @@ def approve_plan(
 
     from services.local.demo import publish_approval
 
-    monitoring = os.environ.get("MONITORING_URL") or _local_fleet().get("monitoring")
+    monitoring = _address("monitoring", "MONITORING_URL")
     if not monitoring:
         raise _fail("no monitoring service: set MONITORING_URL, or start a local fleet (`fleet up`)", 2)
     console.print(_run(publish_approval(monitoring, payload, _token_value())))
+
+
+# --- the running fleet -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
+    """Every component of the running local fleet: its endpoint and whether it answers (exit 1 if one does not)."""
+    from services.local.fleet import check_endpoints, read_endpoints
+
+    endpoints = read_endpoints(base_dir)
+    if not endpoints:
+        raise _fail(f"no running fleet in {base_dir} (no endpoints.json): start one with `fleet up`")
+    table = Table("component", "endpoint", "health", title=f"fleet of {Path(base_dir) / 'endpoints.json'}")
+    down = 0
+    for name, address, ok, detail in check_endpoints(endpoints):
+        down += not ok
+        table.add_row(name, address, f"[green]{detail}[/green]" if ok else f"[red]{detail}[/red]")
+    console.print(table)
+    if down:
+        raise typer.Exit(1)
+
+
+@app.command("env")
+def env_(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
+    """`export` lines for the running local fleet's endpoints and the local user's token: eval "$(fleet env)"."""
+    import shlex
+
+    from services.local.fleet import client_env, read_endpoints
+
+    endpoints = read_endpoints(base_dir)
+    if not endpoints:
+        raise _fail(f"no running fleet in {base_dir} (no endpoints.json): start one with `fleet up`")
+    for name, value in sorted(client_env(endpoints).items()):
+        print(f"export {name}={shlex.quote(value)}")
 
 
 # --- tokens ----------------------------------------------------------------------------------------------------
@@ -477,9 +514,20 @@ def _local_fleet() -> dict[str, str]:
     return read_endpoints(os.environ.get("FLEET_DIR") or ROOT / ".fleet")
 
 
+def _address(name: str, variable: str, default: str = "") -> str:
+    """The variable, else the running local fleet's endpoint (said on stderr: which fleet this talks to), else
+    `default`."""
+    if value := os.environ.get(variable):
+        return value
+    if value := _local_fleet().get(name, ""):
+        err.print(f"[dim]{name} {value} (the local fleet's, {os.environ.get('FLEET_DIR') or ROOT / '.fleet'})[/dim]")
+        return value
+    return default
+
+
 def _orchestrator_address() -> str:
     """ORCHESTRATOR_ADDRESS, else the running local fleet's orchestrator, else the default port."""
-    return os.environ.get("ORCHESTRATOR_ADDRESS") or _local_fleet().get("orchestrator") or "127.0.0.1:50055"
+    return _address("orchestrator", "ORCHESTRATOR_ADDRESS", "127.0.0.1:50055")
 
 
 def _token_value() -> str:
@@ -594,6 +642,83 @@ def deliberate(
     print_result(result)
     if result.status != dpb.DELIBERATION_STATUS_COMPLETED:  # type: ignore[union-attr]
         raise typer.Exit(1)
+
+
+@councils_app.command("list")
+def councils_list() -> None:
+    """The councils and their agents (the orchestrator's ListCouncils)."""
+    import grpc
+
+    from fleet.orchestrator.v1 import orchestrator_pb2 as pb
+    from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+
+    async def go():
+        channel = await _ready_channel(_orchestrator_address(), 10)
+        try:
+            return await orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListCouncils(
+                pb.ListCouncilsRequest(include_agents=True), timeout=10
+            )
+        except grpc.aio.AioRpcError as e:
+            raise FleetError(f"ListCouncils: {e.code().name}: {e.details()}") from None
+        finally:
+            await channel.close()
+
+    reply = _run(go())
+    table = Table("council", "role", "agents")
+    for c in reply.councils:  # type: ignore[union-attr]
+        agents = ", ".join(f"{a.agent_id} (t={a.temperature:g})" for a in c.agents)
+        table.add_row(c.council_id, c.role, f"{c.num_agents}: {agents}" if agents else str(c.num_agents))
+    console.print(table)
+
+
+@deliberations_app.command("list")
+def deliberations_list(
+    story: Annotated[str, typer.Option(help="only this story's")] = "",
+    limit: Annotated[int, typer.Option(help="at most this many, most recent first")] = 20,
+) -> None:
+    """Deliberations seen by the monitoring service (reads MONITORING_URL, else the local fleet's)."""
+    import httpx
+
+    monitoring = _address("monitoring", "MONITORING_URL")
+    if not monitoring:
+        raise _fail("no monitoring service: set MONITORING_URL, or start a local fleet (`fleet up`)", 2)
+    headers = {"Authorization": f"Bearer {token}"} if (token := _token_value()) else {}
+    params: dict[str, str | int] = {"limit": limit, **({"story": story} if story else {})}
+    try:
+        reply = httpx.get(f"{monitoring}/api/deliberations", params=params, headers=headers, timeout=10)
+    except httpx.HTTPError as e:
+        raise _fail(f"monitoring at {monitoring}: {type(e).__name__}: {e}") from None
+    if reply.status_code != 200:
+        raise _fail(f"monitoring at {monitoring}: {reply.status_code} {reply.text[:300]}")
+    table = Table("task", "role", "status", "verified", "story", "winner", "tokens")
+    for d in reply.json():
+        verified = {True: "yes", False: "no"}.get(d.get("verified"), "-")
+        winner = d.get("winner_id") or "-"
+        table.add_row(d["task_id"], d["role"], d["status"], verified, d["story_id"], winner, str(d["total_tokens"]))
+    console.print(table)
+
+
+@deliberations_app.command("show")
+def deliberations_show(task_id: Annotated[str, typer.Argument(help="the task's id")]) -> None:
+    """The latest deliberation of a task: ranking, the winner's content (its code) and its checks."""
+    import grpc
+
+    from fleet.orchestrator.v1 import orchestrator_pb2 as pb
+    from fleet.orchestrator.v1 import orchestrator_pb2_grpc
+
+    async def go():
+        channel = await _ready_channel(_orchestrator_address(), 10)
+        try:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            return (
+                await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id), timeout=10)
+            ).result
+        except grpc.aio.AioRpcError as e:
+            raise FleetError(f"{e.code().name}: {e.details()}") from None
+        finally:
+            await channel.close()
+
+    print_result(_run(go()))
 
 
 def _read_tests(path: str, option: str) -> str:

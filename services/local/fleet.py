@@ -49,6 +49,7 @@ from services.local.processes import (
     http_ok,
     start_component,
     stop_from_state,
+    tcp_accepts,
 )
 
 log = logging.getLogger("fleet.local.fleet")
@@ -134,6 +135,34 @@ def user_token(endpoints: Mapping[str, str]) -> str:
         return Path(path).read_text().strip() if path else ""
     except FileNotFoundError:
         return ""
+
+
+def check_endpoints(endpoints: Mapping[str, str], timeout: float = 2.0) -> list[tuple[str, str, bool, str]]:
+    """(component, endpoint, answers?, how) for each endpoint of a running fleet, checked at once: gRPC health for
+    the services, /readyz for monitoring, /v1/models for vLLM, discovery for the issuer, a TCP connect for the rest."""
+    from urllib.parse import urlsplit
+
+    def check(name: str, address: str) -> tuple[str, str, bool, str]:
+        if name in ("sandbox", "context", "ray-executor", "orchestrator"):
+            probe, how = grpc_serving(address, timeout), "SERVING"
+        elif name == "monitoring":
+            probe, how = http_ok(f"{address}/readyz", timeout), "ready"
+        elif name == "vllm":
+            probe, how = http_ok(f"{address}/v1/models", timeout), f"serving {endpoints.get('vllm_model', '')}"
+        elif name == "issuer":
+            probe, how = http_ok(f"{address}/.well-known/openid-configuration", timeout), "serving its keys"
+        else:
+            url = urlsplit(address if "://" in address else f"tcp://{address}")
+            probe, how = tcp_accepts(url.port or 0, url.hostname or HOST, timeout), "accepting connections"
+        try:
+            ok = probe()
+        except OSError as e:
+            return name, address, False, f"down: {e.strerror or e}"
+        return name, address, ok, how if ok else "not answering"
+
+    wanted = [(n, a) for n, a in endpoints.items() if n in (*COMPONENTS, "issuer")]
+    with ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
+        return list(pool.map(lambda item: check(*item), wanted))
 
 
 class LocalFleet:

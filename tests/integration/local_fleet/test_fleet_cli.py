@@ -77,6 +77,7 @@ def test_up_in_the_background_then_down(tmp_path: Path, llm_server):
         # The orchestrator finds the sandbox; the sandbox knows nothing of the infrastructure.
         assert psutil.Process(pids["orchestrator"]).environ()["SANDBOX_ADDRESS"] == endpoints["sandbox"]
         assert not {"NATS_URL", "VALKEY_URL", "NEO4J_URI"} & set(psutil.Process(pids["sandbox"]).environ())
+        the_cli_finds_and_authenticates_to_the_running_fleet(tmp_path, endpoints)
         down = subprocess.run([FLEET, "down", "--base-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
         assert down.returncode == 0, down.stderr
         assert up.wait(30) == 0
@@ -86,3 +87,43 @@ def test_up_in_the_background_then_down(tmp_path: Path, llm_server):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def fleet(base: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A `fleet` command as a user runs it in another terminal: no address variables, the fleet found in `base`."""
+    clean = {k: v for k, v in os.environ.items() if not k.endswith(("_ADDRESS", "_URL")) and k != "FLEET_TOKEN"}
+    wide = {**clean, "COLUMNS": "240", "FLEET_DIR": str(base), **(env or {})}
+    return subprocess.run([FLEET, *args], capture_output=True, text=True, cwd=ROOT, timeout=120, env=wide)
+
+
+def the_cli_finds_and_authenticates_to_the_running_fleet(base: Path, endpoints: dict[str, str]) -> None:
+    status = fleet(base, "status", "--base-dir", str(base))
+    assert status.returncode == 0, status.stdout + status.stderr
+    for name in ("nats", "valkey", "falkordb", "sandbox", "context", "orchestrator", "monitoring", "issuer"):
+        assert name in status.stdout
+    assert status.stdout.count("SERVING") == 3 and "serving its keys" in status.stdout
+
+    exported = fleet(base, "env", "--base-dir", str(base)).stdout
+    assert f"export ORCHESTRATOR_ADDRESS={endpoints['orchestrator']}" in exported and "export FLEET_TOKEN=" in exported
+
+    councils = fleet(base, "councils", "list")  # no ORCHESTRATOR_ADDRESS: the local fleet's, said on stderr
+    assert councils.returncode == 0, councils.stderr
+    assert "council-dev" in councils.stdout and f"orchestrator {endpoints['orchestrator']}" in councils.stderr
+
+    # Every call is authenticated: a viewer may list councils, not create them; no token at all is refused.
+    viewer = fleet(base, "token", "--user", "vera@example.com", "--role", "viewer", "--base-dir", str(base))
+    assert viewer.returncode == 0, viewer.stderr
+    as_viewer = {"FLEET_TOKEN": viewer.stdout.strip()}
+    assert fleet(base, "councils", "list", env=as_viewer).returncode == 0
+    refused = fleet(base, "councils", "init", "--wait-seconds", "5", env=as_viewer)
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+    assert "vera@example.com lacks role admin" in refused.stderr
+    forged = fleet(base, "councils", "list", env={"FLEET_TOKEN": "not-a-token"})
+    assert forged.returncode == 1 and "malformed token" in forged.stderr
+    bad_role = fleet(base, "token", "--user", "x", "--role", "root", "--base-dir", str(base))
+    assert bad_role.returncode == 2 and "unknown root" in bad_role.stderr
+
+    approved = fleet(base, "approve-plan", "--story", "S-CLI", "--plan", "P-1", "--roles", "DEV")
+    assert approved.returncode == 0 and "published planning.plan.approved" in approved.stdout, approved.stderr
+    missing = fleet(base, "deliberations", "show", "NO-SUCH-TASK")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
