@@ -11,10 +11,11 @@ Anything else is logged with its traceback and answered INTERNAL with the correl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -45,7 +46,7 @@ def status_details(err: FleetError) -> status_pb2.Status:
             )
         )
     else:
-        detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN))
+        detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata))
     return status_pb2.Status(code=grpc.StatusCode[err.code].value[0], message=err.message, details=[detail])
 
 
@@ -89,6 +90,28 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if principal is not None:
             self.guard.done(method, principal, _code_of(context))
 
+    @contextlib.asynccontextmanager
+    async def _serving(self, method: str, context: grpc.aio.ServicerContext, timed: bool) -> AsyncIterator[None]:
+        """Around one call: the caller admitted first, known failures as their status, anything else INTERNAL with
+        the correlation id; counted (and timed, for unary calls) and audited however it ends."""
+        _start(context)
+        t0 = time.perf_counter()
+        principal = None
+        try:
+            principal = await self._admit(method, context)
+            yield
+        except FleetError as e:
+            await _abort(context, e)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as e:
+            await _abort(context, _fail(method, e))
+        finally:
+            if timed:
+                GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
+            GRPC_REQUESTS.labels(method, _code_of(context)).inc()
+            self._done(method, principal, context)
+
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None:
@@ -98,43 +121,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                _start(context)
-                t0 = time.perf_counter()
-                principal = None
-                try:
-                    principal = await self._admit(method, context)
+                async with self._serving(method, context, timed=True):
                     return await inner(request, context)
-                except FleetError as e:
-                    await _abort(context, e)
-                except (grpc.aio.AbortError, grpc.aio.UsageError):
-                    raise
-                except Exception as e:
-                    await _abort(context, _fail(method, e))
-                finally:
-                    GRPC_LATENCY.labels(method).observe(time.perf_counter() - t0)
-                    GRPC_REQUESTS.labels(method, _code_of(context)).inc()
-                    self._done(method, principal, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                _start(context)
-                principal = None
-                try:
-                    principal = await self._admit(method, context)
+                async with self._serving(method, context, timed=False):
                     async for item in inner_stream(request, context):
                         yield item
-                except FleetError as e:
-                    await _abort(context, e)
-                except (grpc.aio.AbortError, grpc.aio.UsageError):
-                    raise
-                except Exception as e:
-                    await _abort(context, _fail(method, e))
-                finally:
-                    GRPC_REQUESTS.labels(method, _code_of(context)).inc()
-                    self._done(method, principal, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
