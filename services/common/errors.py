@@ -7,16 +7,20 @@ never reaches a client as a bare INTERNAL, and the HTTP API maps the same kinds 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class FleetError(Exception):
-    """Base of every known failure. `code` is the gRPC status it maps to."""
+    """Base of every known failure. `code` is the gRPC status it maps to; `reason` and `metadata` go in its
+    google.rpc.ErrorInfo."""
 
     code: str = "INTERNAL"  # the grpc.StatusCode name
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or type(self).__name__
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(FleetError):
