@@ -82,8 +82,15 @@ SERVICES: dict[str, dict[str, Any]] = {
 SANDBOX_DESIGN_PORT = 50057
 # Who calls the sandbox (SANDBOX_ADDRESS): the orchestrator and the ray-executor's driver, never the Ray workers.
 SANDBOX_CLIENTS = ("orchestrator", "ray-executor")
-# The only fleet-config keys the sandbox may take (configMapKeyRef, never envFrom: the rest are connections).
-SANDBOX_CONFIG_KEYS = {"LOG_LEVEL", "LOG_FORMAT"}
+# The only fleet-config keys the sandbox may take (configMapKeyRef, never envFrom: the rest are connections). The
+# AUTH_* keys say whose tokens it accepts: the issuer URL is a name compared with `iss`, never called (AUTH_JWKS_FILE).
+SANDBOX_CONFIG_KEYS = {"LOG_LEVEL", "LOG_FORMAT", "AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_ROLES_CLAIM"}
+# The one volume the sandbox may have besides emptyDirs: the issuer's public keys (a ConfigMap the operator creates).
+SANDBOX_KEYS_CONFIGMAP = "fleet-issuer-jwks"
+# Authentication (services/common/auth.py): the Secret holding the services' own token (role `service`), mounted as
+# a file where a service calls others; the Secret with the admin token the Jobs that call the fleet send as FLEET_TOKEN.
+SERVICE_TOKEN_SECRET = ("fleet-service-token", "token")
+ADMIN_TOKEN_SECRET = ("fleet-admin-token", "token")
 # Cluster-scoped kinds the kustomizations may render (no namespace).
 CLUSTER_SCOPED = {"Namespace", "RuntimeClass"}
 # Settings whose in-cluster value differs from the loopback default: every service must get them.
@@ -99,6 +106,7 @@ E2E_ENV = {
     "NEO4J_URI",
     "NEO4J_USER",
     "NEO4J_PASSWORD",
+    "FLEET_TOKEN",
 }
 # Third-party images the manifests may run (pinned; anything else must be built by a Dockerfile here).
 THIRD_PARTY_IMAGES = {"nats", "valkey/valkey", "neo4j", "vllm/vllm-openai"}
@@ -119,6 +127,10 @@ def kustomizations() -> list[str]:
     """Every folder under deploy/k8s with a kustomization, relative to deploy/k8s (base, e2e, overlays/...)."""
     found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
     return found
+
+
+# The fleet itself (base and overlays), without the add-ons applied on top of it.
+FLEET_KUSTOMIZATIONS = [k for k in kustomizations() if k not in ADD_ONS]
 
 
 @functools.cache
@@ -214,6 +226,19 @@ def effective_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> d
         else:
             env[name] = f"<{next(iter(source))}>"
     return env
+
+
+def mount_of(template: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict, dict] | None:
+    """(volumeMount, volume) through which `path` reaches the container (the deepest mount holding it), or None."""
+    holding = [
+        m for m in container.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")
+    ]
+    if not holding:
+        return None
+    mount = max(holding, key=lambda m: len(m["mountPath"]))
+    volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+    assert mount["name"] in volumes, f"{container['name']}: mount {mount['name']} has no volume"
+    return mount, volumes[mount["name"]]
 
 
 def settings_class(service: str) -> type[BaseSettings]:
@@ -991,7 +1016,13 @@ def test_no_plaintext_secrets(name):
                     continue
                 value = e["value"]
                 assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value), f"{label} {e['name']}: credentials in a URL"
-                if SECRETISH.search(e["name"]):
+                if SECRETISH.search(e["name"]) and e["name"].endswith("_FILE"):
+                    # A path to a secret (AUTH_TOKEN_FILE): it must lie in a read-only mount of a Secret volume.
+                    found = mount_of(template, c, value)
+                    assert found and "secret" in found[1] and found[0].get("readOnly"), (
+                        f"{label} {c['name']}: {e['name']}={value} is not in a read-only Secret volume"
+                    )
+                elif SECRETISH.search(e["name"]):
                     # Only references to variables that come from a Secret, e.g. NEO4J_AUTH=$(AUTH_USER)/$(AUTH_PASSWORD).
                     refs = re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value)
                     rest = re.sub(r"\$\([A-Za-z_][A-Za-z0-9_]*\)", "", value)
@@ -1000,24 +1031,51 @@ def test_no_plaintext_secrets(name):
                     )
 
 
-def test_every_required_secret_is_documented_with_a_create_command():
-    readme = _readme()
-    refs = set()
+def _referenced_by_hand() -> tuple[set[tuple[str, str]], set[str], set[tuple[str, str]]]:
+    """What the pods and Ingresses use that no kustomization renders: (Secret, key) pairs (env and volumes), TLS
+    Secrets, (ConfigMap, key) pairs of volumes."""
+    secrets, tls, configmaps = set(), set(), set()
     for name in kustomizations():
+        objects = world(name)
+        rendered = {o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"}
         for _, template in all_pods(render(name)):
             for c in containers(template):
                 for e in c.get("env", []):
                     ref = e.get("valueFrom", {}).get("secretKeyRef")
                     if ref and not ref.get("optional"):
-                        refs.add((ref["name"], ref["key"]))
-    assert refs, "no Secret referenced: the Neo4j credentials must come from one"
+                        secrets.add((ref["name"], ref["key"]))
+            for v in template["spec"].get("volumes", []):
+                if "secret" in v and not v["secret"].get("optional"):
+                    assert v["secret"].get("items"), f"secret volume {v['name']}: name the keys it needs (items)"
+                    secrets |= {(v["secret"]["secretName"], i["key"]) for i in v["secret"]["items"]}
+                if "configMap" in v and v["configMap"]["name"] not in rendered and not v["configMap"].get("optional"):
+                    assert v["configMap"].get("items"), f"configMap volume {v['name']}: name the keys it needs (items)"
+                    configmaps |= {(v["configMap"]["name"], i["key"]) for i in v["configMap"]["items"]}
+        for ingress in (o for o in render(name) if o["kind"] == "Ingress"):
+            tls |= {entry["secretName"] for entry in ingress["spec"].get("tls", [])}
+    return secrets, tls, configmaps
+
+
+def test_every_required_secret_is_documented_with_a_create_command():
+    """Whatever the manifests use but never render (Secrets, the issuer's keys) has a create command in the README."""
+    readme = _readme()
+    secrets, tls, configmaps = _referenced_by_hand()
+    assert {("neo4j-auth", "NEO4J_PASSWORD"), SERVICE_TOKEN_SECRET, ADMIN_TOKEN_SECRET} <= secrets, secrets
     commands = re.findall(r"kubectl[^\n]*create secret generic (\S+)((?:[^\n]*\\\n)*[^\n]*)", readme)
     documented = {
-        (secret, key) for secret, rest in commands for key in re.findall(r"--from-literal=([A-Z0-9_]+)=", rest)
+        (secret, key) for secret, rest in commands for key in re.findall(r"--from-literal=([A-Za-z0-9_.-]+)=", rest)
     }
-    assert refs <= documented, (
-        f"Secrets without a `kubectl create secret` command in the README: {sorted(refs - documented)}"
+    assert secrets <= documented, (
+        f"Secrets without a `kubectl create secret` command in the README: {sorted(secrets - documented)}"
     )
+    assert tls, "the monitoring Ingress has no TLS Secret"
+    missing = sorted(s for s in tls if not re.search(rf"kubectl[^\n]*create secret tls {re.escape(s)}\b", readme))
+    assert not missing, f"TLS Secrets without a `kubectl create secret tls` command in the README: {missing}"
+    assert (SANDBOX_KEYS_CONFIGMAP, "jwks.json") in configmaps, configmaps
+    for cm, key in configmaps:
+        assert re.search(
+            rf"kubectl[^\n]*create configmap {re.escape(cm)} [^\n]*--from-file={re.escape(key)}\b", readme
+        ), f"ConfigMap {cm} (key {key}) has no `kubectl create configmap` command in the README"
 
 
 # --- Jobs ----------------------------------------------------------------------------------------------------
@@ -1236,6 +1294,15 @@ def test_stateless_services_have_disruption_budgets():
 def test_monitoring_ingress_routes_to_the_dashboard():
     objects = world("base")
     ingress = the(objects, "Ingress", "monitoring")
+    # A host and TLS for it (placeholders; the certificate's Secret by reference, created by hand or cert-manager).
+    hosts = {r.get("host") for r in ingress["spec"]["rules"]}
+    assert None not in hosts and hosts <= {h for e in ingress["spec"].get("tls", []) for h in e["hosts"]}, hosts
+    assert all(e.get("secretName") for e in ingress["spec"]["tls"])
+    section = re.search(r"^## The dashboard behind a sign-in\n(.*?)(?=^## )", _readme(), re.M | re.S)
+    assert section, "deploy/k8s/README.md has no `## The dashboard behind a sign-in` section"
+    for needed in ("--pass-authorization-header", "--set-authorization-header", "auth-url", "auth-response-headers"):
+        assert needed in section[1], f"the sign-in section does not mention {needed}"
+    assert all(h in section[1] for h in hosts), "the section names the placeholder host"
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     svc = the(objects, "Service", backend["name"])
     port = next(
@@ -1257,9 +1324,205 @@ def test_ray_executor_joins_the_raycluster_in_client_mode():
     assert address == f"ray://{rc['metadata']['name']}-head-svc:10001", address
 
 
-# --- the sandbox: untrusted code, no credentials, no egress ------------------------------------------------------
+# --- authentication: every service checks tokens, tokens come from Secrets by reference ----------------------------
 
-FLEET_KUSTOMIZATIONS = [k for k in kustomizations() if k not in ADD_ONS]
+
+def _token_env(container: dict[str, Any]) -> dict[str, Any] | None:
+    return next((e for e in container.get("env", []) if e["name"] == "FLEET_TOKEN"), None)
+
+
+def _calls_to_the_fleet(objects: list[dict[str, Any]], label: str, template: dict[str, Any]) -> dict[str, set[str]]:
+    """Container name -> the fleet services (they all check tokens) its addresses name."""
+    out: dict[str, set[str]] = {}
+    for who, _, service, _ in connections(objects, [(label, template)]):
+        if service in SERVICES:
+            out.setdefault(who.rsplit("/", 1)[1], set()).add(service)
+    return out
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_every_service_checks_bearer_tokens_of_the_configured_issuer(name, monkeypatch):
+    from urllib.parse import urlsplit
+
+    from services.common.auth import Authenticator
+
+    objects = world(name)
+    config = the(objects, "ConfigMap", "fleet-config")["data"]
+    issuer = config.get("AUTH_ISSUER", "")
+    # On in Kubernetes, always: an empty issuer trusts every caller with every role.
+    assert urlsplit(issuer).scheme == "https" and urlsplit(issuer).hostname, f"AUTH_ISSUER={issuer!r}"
+    assert f"`{issuer}`" in _readme(), "the README names the placeholder the operator must replace"
+    assert config.get("AUTH_AUDIENCE") and config.get("AUTH_ROLES_CLAIM")
+    for service in SERVICES:
+        env = effective_env(main_container(objects, "Deployment", service), objects)
+        for var in ("AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_ROLES_CLAIM"):
+            assert env.get(var) == config[var], f"{service}: {var}={env.get(var)!r}, fleet-config has {config[var]!r}"
+        authenticator = Authenticator.from_settings(load_with_env(settings_class(service), env, monkeypatch))
+        assert authenticator is not None and authenticator.issuer == issuer.rstrip("/"), service
+        # Only the sandbox (no egress) reads the keys from a file; the others find them by OIDC discovery.
+        assert bool(authenticator.jwks_file) == (service == "sandbox"), f"{service}: AUTH_JWKS_FILE"
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_the_service_token_is_mounted_exactly_where_a_service_calls_others(name):
+    objects = world(name)
+    secret, key = SERVICE_TOKEN_SECRET
+    callers = set()
+    for service in SERVICES:
+        template = the(objects, "Deployment", service)["spec"]["template"]
+        if _calls_to_the_fleet(objects, f"Deployment/{service}", template).get(service):
+            callers.add(service)
+    assert callers == {"orchestrator", "ray-executor", "monitoring"}, callers
+    for label, template in all_pods(objects):
+        service = label.removeprefix("Deployment/") if label.startswith("Deployment/") else None
+        mounted = [v for v in template["spec"].get("volumes", []) if v.get("secret", {}).get("secretName") == secret]
+        if service not in callers:
+            assert not mounted, f"{label} mounts {secret} but calls no fleet service"
+            for c in containers(template):
+                assert "AUTH_TOKEN_FILE" not in effective_env(c, objects), f"{label} {c['name']}: AUTH_TOKEN_FILE"
+            continue
+        container = template["spec"]["containers"][0]
+        path = effective_env(container, objects).get("AUTH_TOKEN_FILE", "")
+        found = mount_of(template, container, path) if path.startswith("/") else None
+        assert found, f"{service}: AUTH_TOKEN_FILE={path!r} is not in a mounted volume"
+        mount, volume = found
+        assert volume.get("secret", {}).get("secretName") == secret, f"{service}: {volume}"
+        items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+        assert items.get(path.removeprefix(mount["mountPath"] + "/")) == key, f"{service}: {path} is not key {key}"
+        # Read-only, and a directory: a subPath mount never sees the Secret's updates (rotation).
+        assert mount.get("readOnly") is True and "subPath" not in mount, f"{service}: {mount}"
+        assert [c["name"] for c in containers(template) if mount_of(template, c, path)] == [container["name"]]
+    # The code agrees: the callers send the token they are given, the others have none to send.
+    for service in SERVICES:
+        package = ROOT / "services" / service.replace("-", "_")
+        sends = any("settings.auth_token_file" in p.read_text() for p in package.rglob("*.py"))
+        assert sends == (service in callers), f"{service}: reads AUTH_TOKEN_FILE: {sends}"
+
+
+@pytest.mark.parametrize("name", kustomizations())
+def test_jobs_that_call_the_fleet_send_an_admin_token_from_a_secret(name):
+    objects = world(name)
+    expected = {"e2e": {"fleet-e2e"}, "eval": {"fleet-eval"}}.get(name, {"orchestrator-init-councils"})
+    callers = set()
+    for job in (o for o in render(name) if o["kind"] == "Job"):
+        ((label, template),) = pod_templates(job)
+        calls = _calls_to_the_fleet(objects, label, template)
+        for c in template["spec"].get("initContainers", []):
+            assert _token_env(c) is None, f"{label} {c['name']}: a wait needs no token"
+        for c in template["spec"]["containers"]:
+            token = _token_env(c)
+            if not calls.get(c["name"]):
+                assert token is None, f"{label} {c['name']} calls no fleet service: no FLEET_TOKEN"
+                continue
+            callers.add(job["metadata"]["name"])
+            ref = (token or {}).get("valueFrom", {}).get("secretKeyRef", {})
+            assert (ref.get("name"), ref.get("key")) == ADMIN_TOKEN_SECRET and not ref.get("optional"), (
+                f"{label} {c['name']} calls {sorted(calls[c['name']])}: FLEET_TOKEN from Secret {ADMIN_TOKEN_SECRET}"
+            )
+    assert callers == expected, callers
+    # ... and what they run sends it: the CLI (councils init, eval) and the e2e suite read FLEET_TOKEN.
+    for path in ("services/cli.py", "services/eval/run.py", "tests/e2e/conftest.py"):
+        assert "FLEET_TOKEN" in (ROOT / path).read_text(), path
+
+
+def test_services_that_check_tokens_may_reach_the_idp():
+    """The services fetch the issuer's keys (egress open); the sandbox may not and reads them from its ConfigMap."""
+    objects = world("base")
+    outside = "203.0.113.7"  # the IdP, somewhere outside the cluster
+    for service in SERVICES:
+        labels = labels_of(the(objects, "Deployment", service)["spec"]["template"])
+        reach = egress_allowed(objects, labels, 443, ip=outside) and egress_allowed(
+            objects, labels, 53, ip="10.96.0.10", protocol="UDP"
+        )
+        assert reach == (service != "sandbox"), f"{service} -> the IdP: {reach}"
+    text = (K8S / "base" / "networkpolicies.yaml").read_text()
+    assert "AUTH_ISSUER" in text.split("apiVersion", 1)[0], "the policies' header says the services reach the IdP"
+
+
+def _roles_table() -> dict[str, dict[str, str]]:
+    """Service -> method -> role, from the README's table under `## Who may do what`."""
+    section = re.search(r"^## Who may do what\n(.*?)(?=^## )", _readme(), re.M | re.S)
+    assert section, "deploy/k8s/README.md has no `## Who may do what` section"
+    table: dict[str, dict[str, str]] = {}
+    for service, methods, role in re.findall(
+        r"^\| ([a-z-]+(?: \(HTTP\))?) \| (.+?) \| ([a-z -]+) \|$", section[1], re.M
+    ):
+        for method in re.findall(r"`([^`]+)`", methods):
+            table.setdefault(service, {})[method] = role.strip()
+    return table
+
+
+def test_readme_says_who_may_do_what_as_the_services_do():
+    import ast
+
+    from services.common import auth
+
+    table = _roles_table()
+    for service in ("orchestrator", "context", "ray-executor", "sandbox"):
+        main = ROOT / "services" / service.replace("-", "_") / "main.py"
+        node = next(
+            n.value
+            for n in ast.parse(main.read_text()).body
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "ROLES" for t in n.targets)
+        )
+        assert isinstance(node, ast.Dict), f"{main}: ROLES is not a dict literal"
+        roles = {ast.literal_eval(k): getattr(auth, v.attr) for k, v in zip(node.keys, node.values, strict=True)}
+        assert table.get(service) == roles, f"README's table for {service}: {table.get(service)} != {roles}"
+    monitoring = table.get("monitoring (HTTP)", {})
+    assert monitoring.get("POST /api/approve-plan") == auth.PRODUCT_OWNER, monitoring
+    assert any(m.startswith("GET /api/") and r == auth.VIEWER for m, r in monitoring.items()), monitoring
+    section = re.search(r"^## Who may do what\n(.*?)(?=^## )", _readme(), re.M | re.S)[1]
+    for idp, claim in (("Keycloak", "realm_access.roles"), ("Dex", "groups"), ("Entra ID", "roles")):
+        assert re.search(rf"\*\*[^*]*{idp}\*\*", section) and claim in section, f"how to set AUTH_* for {idp}"
+
+
+def test_the_sandbox_checks_tokens_with_its_key_file_and_never_calls_out(monkeypatch, tmp_path):
+    """With the sandbox's environment, a token of the issuer verifies against the mounted keys without any HTTP
+    call, and an empty key set (what an unfilled ConfigMap would hold) is UNAVAILABLE, never accepted."""
+    import asyncio
+    import json
+    import time
+
+    import httpx
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from services.common.auth import SERVICE, Authenticator
+    from services.common.errors import Unavailable
+
+    objects = world("base")
+    env = effective_env(main_container(objects, "Deployment", "sandbox"), objects)
+    keys = tmp_path / Path(env["AUTH_JWKS_FILE"]).name  # where the ConfigMap's file would be
+    settings = load_with_env(settings_class("sandbox"), env | {"AUTH_JWKS_FILE": str(keys)}, monkeypatch)
+
+    def no_network(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the sandbox made an HTTP call: it has no egress")
+
+    monkeypatch.setattr(httpx, "AsyncClient", no_network)
+    key = ec.generate_private_key(ec.SECP256R1())
+    claims: dict[str, Any] = {"sub": "fleet-services", "iss": settings.auth_issuer, "aud": settings.auth_audience}
+    claims["exp"] = int(time.time()) + 300
+    *parents, leaf = settings.auth_roles_claim.split(".")
+    holder = claims
+    for part in parents:
+        holder = holder.setdefault(part, {})
+    holder[leaf] = [SERVICE]
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+
+    keys.write_text('{"keys": []}')
+    authenticator = Authenticator.from_settings(settings)
+    authenticator.refresh_interval = 0
+    with pytest.raises(Unavailable, match="cannot check tokens.*" + re.escape(str(keys))):
+        asyncio.run(authenticator.authenticate(f"Bearer {token}"))
+
+    public = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True) | {"kid": "k1", "use": "sig"}
+    assert "d" not in public, "public keys only"
+    keys.write_text(json.dumps({"keys": [public]}))
+    principal = asyncio.run(authenticator.authenticate(f"Bearer {token}"))
+    assert principal.subject == "fleet-services" and SERVICE in principal.roles
+
+
+# --- the sandbox: untrusted code, no credentials, no egress ------------------------------------------------------
 
 
 def sandbox_port() -> int:
@@ -1300,7 +1563,9 @@ def test_sandbox_service_port_is_the_codes_default(name):
 
 @pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
 def test_sandbox_holds_no_credentials(name):
-    """No service-account token, no Secret, no connection setting, no address of anything in the cluster."""
+    """No service-account token, no Secret, no connection setting, no address of anything in the cluster. What it
+    may take: the AUTH_* keys of fleet-config (the issuer URL is a name compared with `iss`, never called) and the
+    issuer's public keys, a ConfigMap volume holding AUTH_JWKS_FILE."""
     objects = world(name)
     template = sandbox_template(objects)
     spec = template["spec"]
@@ -1316,7 +1581,11 @@ def test_sandbox_holds_no_credentials(name):
     ]
     assert not granted, f"RBAC granted to the sandbox's ServiceAccount: {granted}"
     for volume in spec.get("volumes", []):
-        assert set(volume) == {"name", "emptyDir"}, f"sandbox volume {volume['name']}: only emptyDirs (no secret/token)"
+        if "configMap" in volume:  # the issuer's public keys, nothing else
+            assert volume["configMap"]["name"] == SANDBOX_KEYS_CONFIGMAP, f"sandbox volume {volume['name']}: {volume}"
+            assert find(objects, "ConfigMap", SANDBOX_KEYS_CONFIGMAP) is None, "the operator creates it (README)"
+        else:
+            assert set(volume) == {"name", "emptyDir"}, f"sandbox volume {volume['name']}: only emptyDirs and the keys"
     services = set(services_map(objects))
     for c in containers(template):
         assert not c.get("envFrom"), f"{c['name']}: envFrom would hand it fleet-config (every connection setting)"
@@ -1327,12 +1596,22 @@ def test_sandbox_holds_no_credentials(name):
                 assert source["configMapKeyRef"]["key"] in SANDBOX_CONFIG_KEYS, f"{c['name']}: {e['name']}"
             assert not e["name"].endswith(CONNECTION_SUFFIXES), f"{c['name']}: {e['name']} is a connection setting"
             assert not SECRETISH.search(e["name"]), f"{c['name']}: {e['name']} looks like a secret"
-        for var, value in effective_env(c, objects).items():
+        env = effective_env(c, objects)
+        for var, value in env.items():
             reached = {m[1] for m in ADDRESS.finditer(str(value))} & services
-            assert not reached and "://" not in value, f"{c['name']}: {var}={value} names an endpoint"
-    # And the code does not even have a field for one.
+            assert not reached, f"{c['name']}: {var}={value} names an endpoint of the cluster"
+            # The issuer's URL only: compared with `iss`, never called (the keys come from AUTH_JWKS_FILE).
+            assert var == "AUTH_ISSUER" or "://" not in value, f"{c['name']}: {var}={value} names an endpoint"
+        for mount in c.get("volumeMounts", []):
+            volume = mount_of(template, c, mount["mountPath"])[1]
+            if "configMap" in volume:
+                assert mount.get("readOnly") and env.get("AUTH_JWKS_FILE", "").startswith(mount["mountPath"] + "/"), (
+                    f"{c['name']}: the keys' volume is mounted read-only and holds AUTH_JWKS_FILE"
+                )
+    # And the code does not even have a field for one (nor one for a token of its own: it calls no one).
     fields = env_vars(settings_class("sandbox"))
     assert not [v for v in fields if v.endswith(CONNECTION_SUFFIXES) or SECRETISH.search(v)], fields
+    assert "AUTH_JWKS_FILE" in env_vars(settings_class("sandbox"))
 
 
 @pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
