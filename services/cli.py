@@ -437,9 +437,9 @@ def approve_plan(
 @app.command()
 def status(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
     """Every component of the running local fleet: its endpoint and whether it answers (exit 1 if one does not)."""
-    from services.local.fleet import check_endpoints, read_endpoints
+    from services.local.fleet import check_endpoints
 
-    endpoints = read_endpoints(base_dir)
+    endpoints = _local_fleet(base_dir)
     if not endpoints:
         raise _fail(f"no running fleet in {base_dir} (no endpoints.json): start one with `fleet up`")
     table = Table("component", "endpoint", "health", title=f"fleet of {Path(base_dir) / 'endpoints.json'}")
@@ -457,9 +457,9 @@ def env_(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
     """`export` lines for the running local fleet's endpoints and the local user's token: eval "$(fleet env)"."""
     import shlex
 
-    from services.local.fleet import client_env, read_endpoints
+    from services.local.fleet import client_env
 
-    endpoints = read_endpoints(base_dir)
+    endpoints = _local_fleet(base_dir)
     if not endpoints:
         raise _fail(f"no running fleet in {base_dir} (no endpoints.json): start one with `fleet up`")
     for name, value in sorted(client_env(endpoints).items()):
@@ -478,7 +478,6 @@ def token(
 ) -> None:
     """Mint a bearer token from the running local fleet's issuer (prints it: `export FLEET_TOKEN=$(fleet token ...)`)."""
     from services.common.auth import ROLES
-    from services.local.fleet import read_endpoints
     from services.local.issuer import SigningKey, mint
 
     unknown = [r for r in role if r not in ROLES]
@@ -487,7 +486,7 @@ def token(
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if len(ttl) < 2 or ttl[-1] not in units or not ttl[:-1].isdigit() or int(ttl[:-1]) == 0:
         raise _fail(f"--ttl: expected a positive number with s, m, h or d (e.g. 1h), got {ttl!r}", 2)
-    issuer = read_endpoints(base_dir).get("issuer")
+    issuer = _local_fleet(base_dir).get("issuer")
     key_file = Path(base_dir) / "auth" / "signing-key.pem"
     if not issuer or not key_file.exists():
         raise _fail(f"no local fleet with an issuer in {base_dir}: start one with `fleet up`")
@@ -507,11 +506,15 @@ def token(
 # --- councils and deliberations (gRPC clients of the orchestrator) ----------------------------------------------
 
 
-def _local_fleet() -> dict[str, str]:
-    """The endpoints of the fleet `fleet up` runs from this checkout (FLEET_DIR, default .fleet), or {}."""
-    from services.local.fleet import read_endpoints
+def _local_fleet(base_dir: str | Path | None = None) -> dict[str, str]:
+    """The endpoints of the fleet `fleet up` runs from this checkout (FLEET_DIR, default .fleet), or {}; a stale
+    endpoints.json (its fleet killed) fails saying so."""
+    from services.local.fleet import StaleFleet, running_endpoints
 
-    return read_endpoints(os.environ.get("FLEET_DIR") or ROOT / ".fleet")
+    try:
+        return running_endpoints(base_dir or os.environ.get("FLEET_DIR") or ROOT / ".fleet")
+    except StaleFleet as e:
+        raise _fail(str(e)) from None
 
 
 def _address(name: str, variable: str, default: str = "") -> str:

@@ -47,6 +47,8 @@ from services.local.processes import (
     ReadyCheck,
     free_port,
     http_ok,
+    read_state,
+    same_process,
     start_component,
     stop_from_state,
     tcp_accepts,
@@ -115,6 +117,30 @@ def read_endpoints(base_dir: str | os.PathLike[str] = DEFAULT_BASE) -> dict[str,
         return json.loads((Path(base_dir) / ENDPOINTS_FILE).read_text())
     except FileNotFoundError:
         return {}
+
+
+class StaleFleet(RuntimeError):
+    """An endpoints.json whose fleet is no longer running (killed without the chance to clean up)."""
+
+
+def running_endpoints(base_dir: str | os.PathLike[str] = DEFAULT_BASE) -> dict[str, str]:
+    """The endpoints of the fleet running from `base_dir`; {} when there is none; StaleFleet naming the file when
+    it was left by a fleet whose processes are gone."""
+    base = Path(base_dir)
+    endpoints = read_endpoints(base)
+    if not endpoints:
+        return {}
+    state = read_state(base / "state.json")
+    if not any(
+        same_process(entry["pid"], entry.get("start_time"), entry.get("cmdline"), entry.get("exe"))
+        for entry in state.values()
+        if entry.get("pid")
+    ):
+        raise StaleFleet(
+            f"{base / ENDPOINTS_FILE} is stale: none of the processes of that fleet runs any more "
+            f"(start it again with `fleet up`, or remove the file)"
+        )
+    return endpoints
 
 
 def client_env(endpoints: Mapping[str, str]) -> dict[str, str]:

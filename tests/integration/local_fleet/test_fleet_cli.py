@@ -83,6 +83,10 @@ def test_up_in_the_background_then_down(tmp_path: Path, llm_server):
         assert up.wait(30) == 0
         assert not any(pid_alive(pid) for pid in pids.values())
         assert not (tmp_path / "endpoints.json").exists()
+        # A fleet killed without the chance to clean up leaves its endpoints.json: named as stale, not used.
+        (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+        stale = fleet(tmp_path, "councils", "list")
+        assert stale.returncode == 1 and "endpoints.json is stale" in stale.stderr, stale.stderr
     finally:
         if up.poll() is None:
             up.kill()
