@@ -330,7 +330,7 @@ class BearerToken:
         return f"Bearer {self._token}" if self._token else None
 
 
-class _BearerInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _Bearer:
     def __init__(self, token: BearerToken) -> None:
         self.token = token
 
@@ -344,16 +344,22 @@ class _BearerInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStr
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# Two classes: a grpc.aio channel files each interceptor under the first kind it is an instance of, so one object
+# that is both would never see the streaming calls (they went out without a token).
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
 def channel(address: str, token: BearerToken | None = None, **options: Any) -> grpc.aio.Channel:
     """An insecure-transport channel (TLS ends at the mesh or Ingress) whose every call carries `token`."""
-    interceptors = [_BearerInterceptor(token)] if token else None
+    interceptors: list[Any] | None = [_BearerUnary(token), _BearerStream(token)] if token else None
     return grpc.aio.insecure_channel(address, interceptors=interceptors, **options)
 
 
