@@ -2,7 +2,7 @@
 
 Ports (typing.Protocol, defined here where they are used): a Store (Valkey), a Runner that runs one
 deliberation (the engine with the in-process executor, or the ray-executor service), a ContextSource (the
-context service) and an event publisher (the bus).
+context service), a Meter (the spending-cap counters, Valkey) and an event publisher (the bus).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from prometheus_client import Counter
+
 from services.common import events as ev
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.auth import Principal
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.events import DeliberationStatus, Role, StoryPhase
 from services.deliberation.domain import (
     AgentSpec,
@@ -30,8 +33,20 @@ from services.deliberation.domain import (
     make_council,
 )
 from services.deliberation.grounding import program_of
+from services.orchestrator import caps
+from services.orchestrator.caps import CallerUsage, Caps, Usage
 
 log = logging.getLogger("fleet.orchestrator")
+
+# Usage per caller (the token subject) of Deliberate/StreamDeliberation, on this replica (Prometheus sums them).
+# Label cardinality: one series per subject that deliberates, i.e. per person or service holding a token (tens),
+# never per request; an issuer that minted a subject per request would make it unbounded.
+CALLER_DELIBERATIONS = Counter(
+    "fleet_orchestrator_caller_deliberations_total", "Deliberations started through the API, by caller", ["caller"]
+)
+CALLER_TOKENS = Counter(
+    "fleet_orchestrator_caller_tokens_total", "Tokens spent by deliberations started through the API", ["caller"]
+)
 
 Progress = Callable[[ProgressEvent], Awaitable[None]]
 
@@ -72,6 +87,16 @@ class ContextSource(Protocol):
     async def get_context(self, story_id: str, role: Role, phase: str, token_budget: int) -> Context: ...
 
 
+class Meter(Protocol):
+    """The spending-cap counters per caller (services/orchestrator/caps.py), shared by the replicas."""
+
+    async def start(self, subject: str, roles: frozenset[str]) -> Usage: ...
+    async def unstart(self, subject: str) -> None: ...
+    async def spend(self, subject: str, tokens: int) -> None: ...
+    async def usage(self, subjects: list[str]) -> list[Usage]: ...
+    async def callers(self, limit: int) -> list[tuple[str, frozenset[str]]]: ...
+
+
 Publish = Callable[[ev.Payload, str], Awaitable[None]]  # (payload, correlation_id)
 
 
@@ -100,7 +125,11 @@ class Orchestrator:
         instance_id: str = "orchestrator",
         context_token_budget: int = 2048,
         default_num_agents: int = 3,
+        meter: Meter | None = None,
+        caps_by_role: dict[str, Caps] | None = None,
     ) -> None:
+        """Without a `meter` nothing is counted nor capped; `caps_by_role` empty (authentication off): counted,
+        never capped."""
         self.store = store
         self.runner = runner
         self.publish = publish
@@ -108,6 +137,8 @@ class Orchestrator:
         self.instance_id = instance_id
         self.context_token_budget = context_token_budget
         self.default_num_agents = default_num_agents
+        self.meter = meter
+        self.caps_by_role = caps_by_role or {}
         self.started = time.monotonic()
 
     # --- councils ------------------------------------------------------------------------------------------
@@ -158,9 +189,11 @@ class Orchestrator:
         correlation_id: str = "",
         on_progress: Progress | None = None,
         annotate: Callable[[DeliberationResult], Awaitable[DeliberationResult]] | None = None,
+        admit: Callable[[], Awaitable[None]] | None = None,
     ) -> DeliberationResult:
         """Run one deliberation of `task` by its role's council, recording it and publishing its events.
-        `annotate` amends the result before it is recorded and announced (a plan's linked outcomes)."""
+        `annotate` amends the result before it is recorded and announced (a plan's linked outcomes); `admit`, once
+        the request is known valid and before anything is started or recorded, may refuse it (spending caps)."""
         phase = StoryPhase.parse(phase, "phase")
         council = await self.store.council(task.role)
         if council is None:
@@ -171,6 +204,8 @@ class Orchestrator:
         if not 1 <= n <= len(council.agents):
             raise InvalidArgument("num_agents", f"must be 1..{len(council.agents)} for {council.council_id}, got {n}")
         council = replace(council, agents=council.agents[:n])
+        if admit is not None:
+            await admit()
         architect = await self._architect(council)
         deliberation_id = deliberation_id or ev.new_id("delib")
         cid = correlation_id or deliberation_id
@@ -242,6 +277,32 @@ class Orchestrator:
             result.duration_ms,
         )
         return result
+
+    async def deliberate_for(self, caller: Principal, task: Task, **kwargs) -> DeliberationResult:
+        """A deliberation the API was asked for by `caller`: within its spending caps (ResourceExhausted before
+        anything starts otherwise), recorded as requested by it, its tokens counted against its day when it ends."""
+        task = replace(task, requested_by=caller.actor)
+        if self.meter is None:
+            return await self.deliberate(task, **kwargs)
+        result = await self.deliberate(task, admit=functools.partial(self._admit, caller), **kwargs)
+        CALLER_TOKENS.labels(caller.subject).inc(result.total_tokens)
+        try:
+            await self.meter.spend(caller.subject, result.total_tokens)
+        except Exception as e:  # the result is recorded: the caller gets it, the day misses these tokens
+            log.warning("tokens of %s not counted for %s: %s", result.deliberation_id, caller.subject, e)
+        return result
+
+    async def _admit(self, caller: Principal) -> None:
+        assert self.meter is not None
+        # Counted first, checked after (INCR is atomic): replicas racing for a caller's last start cannot both win.
+        usage = await self.meter.start(caller.subject, caller.roles)
+        refusal = caps.check(replace(usage, started=usage.started - 1), caller.roles, self.caps_by_role)
+        if refusal is not None:
+            await self.meter.unstart(caller.subject)
+            raise ResourceExhausted(
+                refusal.message(caller.actor), reason="SPENDING_CAP", metadata=refusal.metadata(usage.now)
+            )
+        CALLER_DELIBERATIONS.labels(caller.subject).inc()
 
     async def _architect(self, council: Council) -> AgentSpec | None:
         """An ARCHITECT agent that did not author a proposal when possible; None: the fallback decides."""
@@ -316,7 +377,12 @@ class Orchestrator:
         tasks it `depends_on` have completed, with their winning code as the code it builds on (`base_code`) and
         their winning content in its context; independent tasks run at once. A task whose dependency did not
         complete does not start: it is recorded FAILED, saying which. Idempotent: a redelivered or repeated
-        approval reruns only the deliberations that have not ended (their ids derive from the event id)."""
+        approval reruns only the deliberations that have not ended (their ids derive from the event id).
+
+        Not within spending caps, and their tokens are not charged to the approver's day: the approval already
+        happened (refusing it now would only lose it; the product-owner API that approves is the place for a cap),
+        and the approver is known here only by the event's `approved_by` (an email or a subject, with no roles),
+        not as the token subject the caps count by. Their spend shows in the results' usage and the stats."""
         plan = event.payload
         cid = event.correlation_id or event.event_id
         planned = [replace(p, task=replace(p.task, requested_by=plan.approved_by)) for p in plan_tasks(plan)]
@@ -418,6 +484,16 @@ class Orchestrator:
         return result
 
     # --- status --------------------------------------------------------------------------------------------
+
+    async def usage(self, caller: Principal, others: int = 0) -> list[CallerUsage]:
+        """The caller's usage and caps, then up to `others` other callers seen in the last day (most recent first)."""
+        if self.meter is None:
+            return []
+        recent = await self.meter.callers(others + 1) if others else []
+        seen = [(s, r) for s, r in recent if s != caller.subject][:others]
+        who = [(caller.subject, caller.roles), *seen]
+        usages = await self.meter.usage([s for s, _ in who])
+        return [caps.report(u, roles, self.caps_by_role) for u, (_, roles) in zip(usages, who, strict=True)]
 
     async def status(self) -> Status:
         by_status, by_role, avg, in_flight = await self.store.stats()

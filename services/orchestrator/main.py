@@ -22,8 +22,9 @@ from services.deliberation.grounding import ProposalChecker
 from services.orchestrator.adapters.context_client import ContextClient
 from services.orchestrator.adapters.grpc_api import OrchestratorServicer
 from services.orchestrator.adapters.ray_runner import RayExecutorRunner
-from services.orchestrator.adapters.valkey import ValkeyStore
+from services.orchestrator.adapters.valkey import ValkeyMeter, ValkeyStore
 from services.orchestrator.application import Orchestrator
+from services.orchestrator.caps import Caps
 from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("fleet.orchestrator")
@@ -53,9 +54,9 @@ class InProcessRunner:
 
     async def run(self, task, council, architect, deliberation_id, on_progress):
         executor = ObservedExecutor(InProcessExecutor(self.llm), self._publish, executor_name=self.name)
-        return await DeliberationEngine(executor, on_progress=on_progress, checker=self.checker).run(
-            task, council, architect, deliberation_id
-        )
+        window = await self.llm.window()  # the served model's context window, learned once
+        engine = DeliberationEngine(executor, on_progress=on_progress, checker=self.checker, window=window)
+        return await engine.run(task, council, architect, deliberation_id)
 
     async def _publish(self, payload: ev.Payload) -> None:
         await self.bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=correlation_id.get()))
@@ -101,6 +102,7 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         settings.vllm_model,
         timeout=settings.vllm_timeout_seconds,
         max_retries=settings.vllm_max_retries,
+        context_window=settings.vllm_context_window,
     )
 
     async def publish(payload: ev.Payload, cid: str) -> None:
@@ -120,6 +122,11 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         context=context,
         context_token_budget=settings.context_token_budget,
         default_num_agents=settings.default_num_agents,
+        meter=ValkeyMeter(valkey),
+        # Authentication off: everyone is `anonymous` with every role; counted, never capped.
+        caps_by_role={role: Caps(**c.model_dump()) for role, c in settings.spending_caps.items()}
+        if settings.auth_issuer
+        else {},
     )
     await app.recover()
     server = GrpcServer(

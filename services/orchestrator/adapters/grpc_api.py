@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import replace
+from dataclasses import asdict
 
 import grpc
 
@@ -17,6 +17,8 @@ from services.common.events import Role
 from services.deliberation.domain import Council, ProgressEvent, Task
 from services.deliberation.proto import agent_to_proto, constraints_from_proto, progress_to_proto, result_to_proto
 from services.orchestrator.application import Orchestrator
+
+USAGE_OTHERS = 20  # other callers' usage in GetStatus
 
 
 def task_from_request(r: pb.DeliberateRequest) -> Task:
@@ -53,16 +55,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def Deliberate(
         self, request: pb.DeliberateRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeliberateResponse:
-        task = replace(task_from_request(request), requested_by=current_principal.get().actor)
-        result = await self.app.deliberate(task, num_agents=request.num_agents, phase=request.phase or "BUILD")
+        result = await self.app.deliberate_for(
+            current_principal.get(),
+            task_from_request(request),
+            num_agents=request.num_agents,
+            phase=request.phase or "BUILD",
+        )
         return pb.DeliberateResponse(result=result_to_proto(result))
 
     async def StreamDeliberation(self, request: pb.StreamDeliberationRequest, context: grpc.aio.ServicerContext):
         r = request.deliberation
-        task = replace(task_from_request(r), requested_by=current_principal.get().actor)
+        task = task_from_request(r)
         queue: asyncio.Queue[ProgressEvent] = asyncio.Queue()
-        run = asyncio.create_task(
-            self.app.deliberate(task, num_agents=r.num_agents, phase=r.phase or "BUILD", on_progress=queue.put)
+        run = asyncio.create_task(  # a refusal (spending caps) ends it before anything is streamed
+            self.app.deliberate_for(
+                current_principal.get(), task, num_agents=r.num_agents, phase=r.phase or "BUILD", on_progress=queue.put
+            )
         )
         try:
             while not (run.done() and queue.empty()):
@@ -126,4 +134,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                     executor=s.executor,
                 )
             )
+        # The caller's own usage; with the stats, the other callers of the last day too (bounded).
+        usage = await self.app.usage(current_principal.get(), others=USAGE_OTHERS if request.include_stats else 0)
+        reply.usage.extend(pb.CallerUsage(**asdict(u)) for u in usage)
         return reply

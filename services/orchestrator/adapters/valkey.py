@@ -7,11 +7,17 @@ Keys (prefix `fleet:orch:`):
   task:<task_id>           id of the task's latest deliberation
   running                  set of deliberation ids in flight
   stats:status / stats:role / stats:duration   counters
+  caps:started:<subject>          deliberations the caller started in its current one-minute window (TTL 60 s)
+  caps:tokens:<subject>:<hour>    tokens its deliberations spent in that hour (epoch // 3600; TTL 25 h)
+  caps:roles:<subject>            its roles when last seen (TTL 24 h)
+  caps:callers                    sorted set subject -> last seen (epoch s): the last day's, at most MAX_CALLERS
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import valkey.asyncio as valkey_async
@@ -19,6 +25,7 @@ import valkey.asyncio as valkey_async
 from services.common.events import DeliberationStatus, Role
 from services.common.valkey import unavailable_on_errors
 from services.deliberation.domain import AgentSpec, Council, DeliberationResult
+from services.orchestrator.caps import DAY_HOURS, HOUR, MINUTE, Usage
 
 PREFIX = "fleet:orch"
 
@@ -119,6 +126,99 @@ class ValkeyStore:
         if running:
             by_status[DeliberationStatus.IN_PROGRESS] = running
         return by_status, by_role, avg, running
+
+
+class ValkeyMeter:
+    """The spending-cap counters (services/orchestrator/caps.py), shared by every replica; keys expire on their own.
+    Hours are numbered by this process's clock (replicas are kept in time by NTP: an hour's edge is what moves)."""
+
+    MAX_CALLERS = 1000
+
+    def __init__(self, client: valkey_async.Valkey, clock: Callable[[], float] = time.time) -> None:
+        self.r = client
+        self.clock = clock
+
+    @staticmethod
+    def _started(subject: str) -> str:
+        return f"{PREFIX}:caps:started:{subject}"
+
+    @staticmethod
+    def _tokens(subject: str, hour: int) -> str:
+        return f"{PREFIX}:caps:tokens:{subject}:{hour}"
+
+    def _day(self, subject: str, now: float) -> list[tuple[int, str]]:
+        current = int(now // HOUR)
+        return [(h, self._tokens(subject, h)) for h in range(current - DAY_HOURS + 1, current + 1)]
+
+    @staticmethod
+    def _usage(subject: str, now: float, started: str | int | None, pttl: int, day: list, tokens: list) -> Usage:
+        by_hour = {h: int(t) for (h, _), t in zip(day, tokens, strict=True) if t}
+        return Usage(subject, int(started or 0), max(pttl, 0) / 1000, by_hour, now)
+
+    @unavailable_on_errors
+    async def start(self, subject: str, roles: frozenset[str]) -> Usage:
+        """Count one deliberation started (INCR; the window's EXPIRE only when it opens) and note the caller as
+        seen, atomically; its usage, this deliberation included."""
+        now = self.clock()
+        key, day = self._started(subject), self._day(subject, now)
+        async with self.r.pipeline(transaction=True) as p:
+            p.incr(key)
+            p.expire(key, MINUTE, nx=True)
+            p.pttl(key)
+            p.mget([k for _, k in day])
+            p.set(f"{PREFIX}:caps:roles:{subject}", " ".join(sorted(roles)), ex=DAY_HOURS * HOUR)
+            p.zadd(f"{PREFIX}:caps:callers", {subject: now})
+            p.zremrangebyscore(f"{PREFIX}:caps:callers", "-inf", now - DAY_HOURS * HOUR)
+            p.zremrangebyrank(f"{PREFIX}:caps:callers", 0, -self.MAX_CALLERS - 1)
+            started, _, pttl, tokens, *_ = await p.execute()
+        return self._usage(subject, now, started, pttl, day, tokens)
+
+    @unavailable_on_errors
+    async def unstart(self, subject: str) -> None:
+        """Take back a start that was refused. Should the window have closed in between, the -1 opens a new one
+        (with its TTL): one extra start in that minute at most."""
+        key = self._started(subject)
+        async with self.r.pipeline(transaction=True) as p:
+            p.decr(key)
+            p.expire(key, MINUTE, nx=True)
+            await p.execute()
+
+    @unavailable_on_errors
+    async def spend(self, subject: str, tokens: int) -> None:
+        """Add a finished deliberation's tokens to the caller's current hour."""
+        if tokens <= 0:
+            return
+        key = self._tokens(subject, int(self.clock() // HOUR))
+        async with self.r.pipeline(transaction=True) as p:
+            p.incrby(key, tokens)
+            p.expire(key, (DAY_HOURS + 1) * HOUR)
+            await p.execute()
+
+    @unavailable_on_errors
+    async def usage(self, subjects: list[str]) -> list[Usage]:
+        now = self.clock()
+        days = [self._day(s, now) for s in subjects]
+        async with self.r.pipeline(transaction=False) as p:
+            for subject, day in zip(subjects, days, strict=True):
+                p.get(self._started(subject))
+                p.pttl(self._started(subject))
+                p.mget([k for _, k in day])
+            raw = await p.execute()
+        return [
+            self._usage(subject, now, *raw[3 * i : 3 * i + 2], day, raw[3 * i + 2])
+            for i, (subject, day) in enumerate(zip(subjects, days, strict=True))
+        ]
+
+    @unavailable_on_errors
+    async def callers(self, limit: int) -> list[tuple[str, frozenset[str]]]:
+        """The callers seen in the last day, most recent first (at most `limit`), with their roles then."""
+        subjects = await self.r.zrevrangebyscore(
+            f"{PREFIX}:caps:callers", "+inf", self.clock() - DAY_HOURS * HOUR, start=0, num=limit
+        )
+        if not subjects:
+            return []
+        roles = await self.r.mget([f"{PREFIX}:caps:roles:{s}" for s in subjects])
+        return [(s, frozenset((r or "").split())) for s, r in zip(subjects, roles, strict=True)]
 
 
 def _council(raw: str) -> Council:

@@ -155,12 +155,28 @@ class Stats(_message.Message):
     executor: str
     def __init__(self, total_deliberations: _Optional[int] = ..., deliberations_by_status: _Optional[_Mapping[str, int]] = ..., average_duration_ms: _Optional[float] = ..., active_councils: _Optional[int] = ..., deliberations_by_role: _Optional[_Mapping[str, int]] = ..., in_flight: _Optional[int] = ..., executor: _Optional[str] = ...) -> None: ...
 
+class CallerUsage(_message.Message):
+    __slots__ = ("caller", "deliberations_this_minute", "deliberations_per_minute", "tokens_last_day", "tokens_per_day")
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    DELIBERATIONS_THIS_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    DELIBERATIONS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LAST_DAY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_DAY_FIELD_NUMBER: _ClassVar[int]
+    caller: str
+    deliberations_this_minute: int
+    deliberations_per_minute: int
+    tokens_last_day: int
+    tokens_per_day: int
+    def __init__(self, caller: _Optional[str] = ..., deliberations_this_minute: _Optional[int] = ..., deliberations_per_minute: _Optional[int] = ..., tokens_last_day: _Optional[int] = ..., tokens_per_day: _Optional[int] = ...) -> None: ...
+
 class GetStatusResponse(_message.Message):
-    __slots__ = ("status", "uptime_seconds", "stats")
+    __slots__ = ("status", "uptime_seconds", "stats", "usage")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     status: str
     uptime_seconds: int
     stats: Stats
-    def __init__(self, status: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[CallerUsage]
+    def __init__(self, status: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., usage: _Optional[_Iterable[_Union[CallerUsage, _Mapping]]] = ...) -> None: ...
