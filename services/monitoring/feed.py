@@ -246,6 +246,7 @@ class DeliberationSummary(BaseModel):
     executor: str = ""
     agents: list[str] = Field(default_factory=list)
     description: str = ""
+    requested_by: str = Field("", description="who asked for it: the caller of Deliberate, or the plan's approver")
     winner_id: str = ""
     winner_proposal_id: str = ""
     winner_score: float | None = None
@@ -307,6 +308,8 @@ class DeliberationIndex:
                 setattr(s, name, value)
         if getattr(p, "role", None):
             s.role = str(p.role)
+        if env.actor and env.producer == ev.ORCHESTRATOR:  # who asked for it (agents' events carry none)
+            s.requested_by = env.actor
         agent = getattr(p, "agent_id", "")
         if agent and agent not in s.agents and len(s.agents) < MAX_AGENTS_LISTED:
             s.agents.append(agent)

@@ -97,7 +97,8 @@ class Meter(Protocol):
     async def callers(self, limit: int) -> list[tuple[str, frozenset[str]]]: ...
 
 
-Publish = Callable[[ev.Payload, str], Awaitable[None]]  # (payload, correlation_id)
+# (payload, correlation_id, actor: who caused it, the envelope's `actor` — a deliberation's `requested_by`)
+Publish = Callable[[ev.Payload, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class Orchestrator:
                 description=task.description[:4000],
             ),
             cid,
+            task.requested_by,
         )
         await self.publish(
             ev.DeliberationStarted(
@@ -241,6 +243,7 @@ class Orchestrator:
                 executor=self.runner.name,
             ),
             cid,
+            task.requested_by,
         )
         keep_lease = asyncio.create_task(self._keep_lease(deliberation_id))
         try:
@@ -267,7 +270,7 @@ class Orchestrator:
             result = await annotate(result)
         await self.store.save(result)
         await self.store.drop_lease(deliberation_id)
-        await self.publish(result.outcome_event(plan_id), cid)
+        await self.publish(result.outcome_event(plan_id), cid, result.requested_by)
         log.info(
             "deliberation %s of %s (%s) ended %s in %d ms",
             deliberation_id,
@@ -454,7 +457,7 @@ class Orchestrator:
             finished_at=datetime.now(UTC),
         )
         await self.store.save(failed)
-        await self.publish(failed.outcome_event(plan_id), cid)
+        await self.publish(failed.outcome_event(plan_id), cid, failed.requested_by)
         return failed
 
     async def _link(self, result: DeliberationResult, deps: list[DeliberationResult]) -> DeliberationResult:

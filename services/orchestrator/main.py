@@ -105,8 +105,8 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         context_window=settings.vllm_context_window,
     )
 
-    async def publish(payload: ev.Payload, cid: str) -> None:
-        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid))
+    async def publish(payload: ev.Payload, cid: str, actor: str) -> None:
+        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid, actor=actor))
 
     token = auth.BearerToken(settings.auth_token_file)
     context = ContextClient(settings.context_address, token=token) if settings.context_address else None

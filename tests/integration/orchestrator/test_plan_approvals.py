@@ -60,6 +60,7 @@ async def test_approval_runs_one_deliberation_per_role(stub, bus):
     done = await rec.wait("orchestration.deliberation.completed", 2)
     assert {e.payload.role for e in done} == {"DEV", "QA"}
     assert all(e.correlation_id == sent.event_id and e.payload.story_id == "S-1" for e in done)
+    assert {e.actor for e in rec.events} == {"po"}  # every event of these deliberations names who asked for them
     assert all(e.payload.winner_content and e.payload.selection_method in ("ARCHITECT", "FALLBACK") for e in done)
     assert len(rec.of("orchestration.deliberation.started")) == 2
     assert len(rec.of("orchestration.task.dispatched")) == 2

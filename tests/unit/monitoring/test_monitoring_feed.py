@@ -121,7 +121,9 @@ def test_deliberation_summaries_follow_the_events_and_give_tokens_a_story():
     )
     (s,) = feed.deliberations.list()
     assert s.status == ev.DeliberationStatus.PENDING and s.story_id == "S-5" and s.description == "do it"
-    take(feed, ev.make_event(ev.DeliberationStarted(**d, council_id="council-dev", num_agents=3), ev.ORCHESTRATOR), 2)
+    started = ev.DeliberationStarted(**d, council_id="council-dev", num_agents=3)
+    take(feed, ev.make_event(started, ev.ORCHESTRATOR, actor="dana@example.com"), 2)
+    assert feed.deliberations.list()[0].requested_by == "dana@example.com"
     chunk = ev.TokenChunk(deliberation_id="D-1", agent_id="agent-dev-001", phase="GENERATE", kind="start", seq=0)
     token_event = take(feed, ev.make_event(chunk, ev.ORCHESTRATOR), 1)
     assert token_event.story_id == "S-5"  # known from the deliberation
