@@ -110,6 +110,12 @@ def roles_of(value: Any) -> frozenset[str]:
     return frozenset()
 
 
+class IssuerUnavailable(Unavailable):
+    """The issuer's keys cannot be had: no caller's fault (UNAVAILABLE / 503 naming the issuer)."""
+
+    dependency = "issuer"
+
+
 class Authenticator:
     """Checks bearer tokens of one issuer (see the module docstring)."""
 
@@ -202,7 +208,7 @@ class Authenticator:
                 key = self._lookup(kid)
         if key is None:
             if not self._keys and self._fetch_error:
-                raise Unavailable(f"cannot check tokens: {self._fetch_error}")
+                raise IssuerUnavailable(f"cannot check tokens: {self._fetch_error}")
             raise Unauthenticated(f"token signed with an unknown key (kid {kid!r}) of {self.issuer}")
         return key
 

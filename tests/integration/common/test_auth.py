@@ -155,8 +155,9 @@ async def test_keys_from_a_file_for_a_service_that_may_not_call_out(issuer, tmp_
     jwks.write_text(json.dumps({"keys": []}))
     offline = auth.Authenticator(issuer.url, "swe-ai-fleet", jwks_file=str(jwks), refresh_interval=0)
     token = "Bearer " + issuer.mint("orchestrator", ["service"])
-    with pytest.raises(Unavailable, match="could not be read from"):
+    with pytest.raises(Unavailable, match="could not be read from") as down:
         await offline.authenticate(token)
+    assert down.value.dependency == "issuer"  # what the HTTP API names in its 503
     jwks.write_text(json.dumps(issuer.jwks()))
     assert (await offline.authenticate(token)).subject == "orchestrator"
 
