@@ -64,6 +64,9 @@ bench-context: $(STAMP) ## Context rehydration latency: cold (graph) vs cached (
 bench-ray: $(STAMP) ## Ray overhead per deliberation: in-process vs Ray executor, side by side (200 ms LLM)
 	$(PY) -m bench.bench_ray
 
+bench-scale: $(STAMP) ## One orchestrator under N = 1..200 concurrent deliberations (0.5 s LLM): wall / single, p50/p99, CPU ms per agent call (EXECUTOR=ray for the ray-executor)
+	$(PY) -m bench.bench_scale
+
 bench-sandbox: $(STAMP) ## Sandbox overhead: a trivial pytest run through the warm service vs a plain subprocess
 	$(PY) -m bench.bench_sandbox
 
@@ -82,8 +85,26 @@ infra: $(STAMP) ## Start NATS, Valkey and FalkorDB on free loopback ports until 
 llm: $(STAMP) ## Install vLLM (CPU) in its own venv and build the local models (once, cached)
 	$(BIN)/fleet llm setup
 
-images: ## Build the container images (deploy/docker/*.Dockerfile) where a Docker engine answers; else say so
-	./deploy/docker/build.sh
+# Container images: docker when a Docker engine answers, else podman (Debian's, installed by
+# scripts/install_container_tools.sh), configured by deploy/podman/*.conf, never by /etc/containers.
+CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGES ?=
+IMAGE_TEST_ARGS ?=
+container-tools base-image images test-images: export CONTAINER_ENGINE := $(CONTAINER_ENGINE)
+container-tools base-image images test-images: export CONTAINERS_CONF := $(or $(CONTAINERS_CONF),$(CURDIR)/deploy/podman/containers.conf)
+container-tools base-image images test-images: export CONTAINERS_STORAGE_CONF := $(or $(CONTAINERS_STORAGE_CONF),$(CURDIR)/deploy/podman/storage.conf)
+
+container-tools:
+	@[ "$(notdir $(CONTAINER_ENGINE))" != podman ] || ./scripts/install_container_tools.sh
+
+base-image: container-tools ## The images' base python:3.11-slim-bookworm, built from Debian packages (debootstrap) when not present: no registry needed
+	./deploy/podman/base_image.sh
+
+images: container-tools $(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),base-image) ## Build the container images (deploy/docker/*.Dockerfile; docker or podman; IMAGES="a b" for some, VLLM_CPU=1 adds vllm-cpu)
+	./deploy/docker/build.sh $(IMAGES)
+
+test-images: $(STAMP) images ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health
+	$(BIN)/pytest tests/images -m images -p no:cacheprovider $(IMAGE_TEST_ARGS)
 
 clean: ## Remove caches and local run state (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .fleet build *.egg-info test-artifacts
@@ -92,4 +113,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images base-image test-images container-tools
