@@ -7,14 +7,14 @@
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# grpcio-tools pinned like the dev extra in pyproject.toml (a test compares them).
+# grpcio-tools pinned like the dev extra in pyproject.toml (a test compares them); pip pinned too (reproducible builds).
 RUN python -m venv /opt/protoc && /opt/protoc/bin/pip install grpcio-tools==1.85.1
 COPY pyproject.toml README.md ./
 COPY scripts/gen_protos.sh scripts/
 COPY specs/ specs/
 RUN PY=/opt/protoc/bin/python ./scripts/gen_protos.sh
 COPY services/ services/
-RUN python -m venv /opt/fleet && /opt/fleet/bin/pip install --upgrade pip && /opt/fleet/bin/pip install . \
+RUN python -m venv /opt/fleet && /opt/fleet/bin/pip install pip==26.3 && /opt/fleet/bin/pip install . \
     && /opt/fleet/bin/python -c "import fleet.orchestrator.v1.orchestrator_pb2_grpc, services.cli"
 COPY deploy/docker/fleet_wait.py /opt/fleet/bin/fleet-wait
 RUN chmod 0755 /opt/fleet/bin/fleet-wait

