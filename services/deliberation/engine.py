@@ -13,6 +13,13 @@ what the checks found (failing tests with their assertions). The checks gate the
 gating check is no finalist while another passes them all; when none does, the best candidate still wins but the
 result is not `verified` and says why. The architect never judges a deliberation it wrote a proposal in.
 
+Every prompt fits the served model's context window when the engine is given it (`window`): the prompts module
+cuts the material a prompt carries (context, proposals, findings, critiques) with a visible marker, never the task,
+its tests or the rubric; the shared system prompt's context is cut once per deliberation to half of what the
+GENERATE prompt leaves, so the council still shares one prefix, and further only for a call that cannot fit
+otherwise. A call whose prompt cannot fit even cut is never sent: its agent fails with a `ContextOverflow`
+("prompt too long: ..." naming the phase and the numbers, kind "overflow"), and for SELECT the fallback decides.
+
 The whole run is bounded by the task's `timeout_seconds` (status TIMEOUT, the phase named) and its `token_budget`
 (a phase whose projected tokens would not fit is not started: status FAILED; for SELECT the fallback decides
 instead); either way the partial results are kept and ranked, with a fallback selection when any proposal exists.
@@ -56,7 +63,7 @@ from services.deliberation.domain import (
     verification,
 )
 from services.deliberation.grounding import ProposalChecker
-from services.deliberation.llm import LLMError, LLMRequest, LLMResponse
+from services.deliberation.llm import ChatMessage, ContextOverflow, ContextWindow, LLMError, LLMRequest, LLMResponse
 from services.deliberation.prompts import (
     SCHEMA_CRITIQUE,
     SCHEMA_PROPOSAL,
@@ -65,14 +72,17 @@ from services.deliberation.prompts import (
     SCHEMA_SELECTION,
     AnswerError,
     Finalist,
+    checks_summary,
     criterion_keys,
     critique_messages,
     critique_schema,
+    fit_prompt,
     generate_messages,
     labels,
     parse_critique,
     parse_scores,
     parse_selection,
+    review_text,
     revise_messages,
     score_max_tokens,
     score_messages,
@@ -98,7 +108,7 @@ class LLM(Protocol):
     ) -> LLMResponse: ...
 
 
-ErrorKind = Literal["unavailable", "llm", "timeout", "cancelled", "error"]
+ErrorKind = Literal["unavailable", "llm", "overflow", "timeout", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,8 @@ def describe_error(exc: BaseException, timeout: float | None = None) -> tuple[st
     """A failed call's message and kind (shared by every executor)."""
     if isinstance(exc, Unavailable):
         return f"LLM unavailable: {exc.message}", "unavailable"
+    if isinstance(exc, ContextOverflow):
+        return f"prompt too long: {exc.message}", "overflow"
     if isinstance(exc, LLMError):
         return f"LLM error: {exc.message}", "llm"
     if isinstance(exc, TimeoutError):
@@ -282,6 +294,8 @@ class _Run:
     selection: Selection | None = None
     notes: list[str] = field(default_factory=list)
     cut: set[str] = field(default_factory=set)  # proposal ids whose original was cut at max_tokens
+    window: ContextWindow | None = None  # the served model's context window (None: prompts are not budgeted)
+    trimmed: dict[Phase, int] = field(default_factory=dict)  # tokens of material cut to fit the window, per phase
 
     @property
     def agents(self) -> tuple[AgentSpec, ...]:
@@ -302,6 +316,36 @@ class _Run:
             enable_thinking=False,
             **kw,
         )
+
+    def fit(
+        self,
+        phase: Phase,
+        agent_id: str,
+        max_tokens: int,
+        build: Callable[[str, list[str]], tuple[ChatMessage, ...]],
+        texts: Sequence[str] = (),
+    ) -> tuple[ChatMessage, ...]:
+        """`build(system, texts)`, fitted to the model's window (as built when the window is unknown): the texts are
+        cut beside the shared system prompt; when that is not enough, the context is cut too, for this call only.
+        Raises ContextOverflow."""
+        if self.window is None:
+            return build(self.system, list(texts))
+        what = f"the {phase} prompt of {agent_id}"
+        try:
+            fitted = fit_prompt(lambda t: build(self.system, t), texts, self.window, max_tokens, what)
+        except ContextOverflow:
+            if not self.task.context.strip():
+                raise
+            fitted = fit_prompt(
+                lambda t: build(system_prompt(self.task, t[0]), t[1:]),
+                [self.task.context, *texts],
+                self.window,
+                max_tokens,
+                what,
+            )
+        if fitted.trimmed:
+            self.trimmed[phase] = self.trimmed.get(phase, 0) + fitted.trimmed
+        return fitted.messages
 
     def checks_of(self, proposal: Proposal) -> tuple[CheckResult, ...]:
         """The checks of the proposal's latest revision ((): not checked yet)."""
@@ -324,6 +368,42 @@ def projected_tokens(calls: Sequence[AgentCall]) -> int:
     )
 
 
+def score_answer_tokens(task: Task, n_candidates: int, keys: Sequence[str], window: ContextWindow | None) -> int:
+    """max_tokens of a SCORE call: room for the longest answer its schema allows (characters counted as tokens:
+    generous), at most half a known window, at least the task's max_tokens."""
+    room = score_max_tokens(n_candidates, keys)
+    if window is not None:
+        room = min(room, window.tokens // 2)
+    return max(task.constraints.max_tokens, room)
+
+
+def shared_system(task: Task, agents: Sequence[AgentSpec], window: ContextWindow | None) -> str:
+    """The system prompt every call of the deliberation shares: with a known window, its context cut to half of
+    what the GENERATE prompt (the longest persona's) leaves beside the task, its tests and the longest answer of
+    any phase (SCORE's, usually), so the later phases' material has the other half. When even that cannot fit, it
+    stays whole: each call then cuts or refuses on its own, naming the numbers."""
+    system = system_prompt(task)
+    if window is None or not task.context.strip() or not agents:
+        return system
+    agent = max(agents, key=lambda a: len(a.agent_id) + len(a.persona))
+    keys = criterion_keys(task.constraints.rubric)
+    max_tokens = max(task.constraints.max_tokens, score_answer_tokens(task, len(agents) - 1, keys, window))
+    fixed = window.prompt_tokens(generate_messages(system_prompt(task, ""), task, agent))
+    room = window.prompt_budget(max_tokens) - fixed
+    if room <= 0:
+        return system
+    try:
+        fitted = fit_prompt(
+            lambda t: generate_messages(system_prompt(task, t[0]), task, agent),
+            [task.context],
+            window,
+            max_tokens + room - room // 2,  # what the context may not take
+        )
+    except ContextOverflow:
+        return system
+    return fitted.messages[0].content
+
+
 class DeliberationEngine:
     """Runs one deliberation of a task by a council; see the module docstring for the phases and the bounds."""
 
@@ -335,22 +415,33 @@ class DeliberationEngine:
         on_progress: Callable[[ProgressEvent], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         checker: Checker | None = None,
+        window: ContextWindow | None = None,
     ) -> None:
         self.executor = executor
         self.on_progress = on_progress
         self.clock = clock
         self.checker: Checker = checker if checker is not None else ProposalChecker(None)
+        self.window = window
 
     async def run(
         self, task: Task, council: Council, architect: AgentSpec | None, deliberation_id: str
     ) -> DeliberationResult:
         started_at, t0 = datetime.now(UTC), self.clock()
         r = _Run(
-            task, council, architect, deliberation_id, system_prompt(task), criterion_keys(task.constraints.rubric)
+            task,
+            council,
+            architect,
+            deliberation_id,
+            shared_system(task, council.agents, self.window),
+            criterion_keys(task.constraints.rubric),
+            window=self.window,
         )
         timeout = task.constraints.timeout_seconds
         status, error = DeliberationStatus.COMPLETED, ""
-        await self._emit(r, None, "deliberation_started", detail=f"{len(council.agents)} agents, deadline {timeout:g}s")
+        window = f", a {self.window.tokens:,}-token window" if self.window else ""
+        await self._emit(
+            r, None, "deliberation_started", detail=f"{len(council.agents)} agents, deadline {timeout:g}s{window}"
+        )
         try:
             if not council.agents:
                 raise _Stop(f"council {council.council_id} has no agents")
@@ -363,6 +454,9 @@ class DeliberationEngine:
             error = f"deadline of {timeout:g}s exceeded during the {r.phase or 'first'} phase"
         except _Stop as stop:
             status, error = DeliberationStatus.FAILED, stop.reason
+        if r.trimmed and r.window:
+            cuts = ", ".join(f"{p} {n:,}" for p, n in r.trimmed.items())
+            r.notes.append(f"material cut to fit the model's {r.window.describe()}: tokens cut by phase: {cuts}")
         if status != DeliberationStatus.COMPLETED and r.proposals:
             r.ranked = self._rank(r)  # whatever is known: checks and votes of the phases that finished
             if r.selection is None:
@@ -424,14 +518,22 @@ class DeliberationEngine:
         await self._select(r)
 
     async def _generate(self, r: _Run) -> None:
-        calls = []
+        calls, refused = [], []
+        max_tokens = r.task.constraints.max_tokens
         for a in r.agents:
             rid = call_id(r.deliberation_id, Phase.GENERATE, 0, a.agent_id)
-            messages = generate_messages(r.system, r.task, a)
+            try:
+                messages = r.fit(
+                    Phase.GENERATE, a.agent_id, max_tokens, lambda system, _, a=a: generate_messages(system, r.task, a)
+                )
+            except ContextOverflow as e:
+                refused.append((a.agent_id, e))
+                continue
             request = r.request(a, rid, messages, SCHEMA_PROPOSAL, stop=stop_sequences(r.task))
             calls.append(self._call(r, a, Phase.GENERATE, rid, request))
         self._within_budget(r, Phase.GENERATE, calls)
         async with self._phase(r, Phase.GENERATE) as note:
+            await self._refuse(r, Phase.GENERATE, refused)
             cut: set[str] = set()
             for call, content in await self._fan_out(r, Phase.GENERATE, calls, _free_text, whole=True, cut=cut):
                 if call.request_id in cut:
@@ -458,19 +560,30 @@ class DeliberationEngine:
             return
         offset = (round_ - 1) % (n - 1) + 1
         targets: dict[str, tuple[AgentSpec, Proposal]] = {}  # request id -> (critic, proposal)
-        calls = []
+        calls, refused = [], []
         for i, author in enumerate(r.agents):
             proposal = r.proposals.get(author.agent_id)
             if proposal is None:
                 continue
             critic = r.agents[(i + offset) % n]
             rid = call_id(r.deliberation_id, Phase.CRITIQUE, round_, critic.agent_id, author.agent_id)
-            messages = critique_messages(r.system, r.task, critic, proposal.content, r.checks_of(proposal))
+            try:
+                messages = r.fit(
+                    Phase.CRITIQUE,
+                    critic.agent_id,
+                    r.task.constraints.max_tokens,
+                    lambda system, t, critic=critic: critique_messages(system, r.task, critic, t[0], findings=t[1]),
+                    [proposal.content, checks_summary(r.checks_of(proposal))],
+                )
+            except ContextOverflow as e:
+                refused.append((critic.agent_id, e))
+                continue
             request = r.request(critic, rid, messages, SCHEMA_CRITIQUE, json_schema=critique_schema())
             calls.append(self._call(r, critic, Phase.CRITIQUE, rid, request))
             targets[rid] = (critic, proposal)
         self._within_budget(r, Phase.CRITIQUE, calls)
         async with self._phase(r, Phase.CRITIQUE) as note:
+            await self._refuse(r, Phase.CRITIQUE, refused)
             answered = await self._fan_out(r, Phase.CRITIQUE, calls, lambda _, text: parse_critique(text))
             new: list[Critique] = []
             for call, answer in answered:
@@ -487,23 +600,39 @@ class DeliberationEngine:
                     )
                 )
             r.critiques.extend(new)
-            note.detail = f"round {round_}: {len(new)}/{len(calls)} proposals reviewed"
+            note.detail = f"round {round_}: {len(new)}/{len(calls) + len(refused)} proposals reviewed"
         await self._revise(r, round_, new)
 
     async def _revise(self, r: _Run, round_: int, critiques: list[Critique]) -> None:
         agents = {a.agent_id: a for a in r.agents}
-        calls, by_request = [], {}
+        calls, by_request, refused = [], {}, []
         for c in critiques:
             author, proposal = agents[c.author_id], r.proposals[c.author_id]
             rid = call_id(r.deliberation_id, Phase.REVISE, round_, author.agent_id)
-            messages = revise_messages(
-                r.system, r.task, author, proposal.content, c.verdict, c.summary, c.issues, r.checks_of(proposal)
-            )
+
+            def build(
+                system: str, t: list[str], author: AgentSpec = author, c: Critique = c
+            ) -> tuple[ChatMessage, ...]:
+                return revise_messages(
+                    system, r.task, author, t[0], c.verdict, c.summary, c.issues, findings=t[1], review=t[2]
+                )
+
+            texts = [
+                proposal.content,
+                checks_summary(r.checks_of(proposal)),
+                review_text(c.verdict, c.summary, c.issues),
+            ]
+            try:
+                messages = r.fit(Phase.REVISE, author.agent_id, r.task.constraints.max_tokens, build, texts)
+            except ContextOverflow as e:
+                refused.append((author.agent_id, e))
+                continue
             request = r.request(author, rid, messages, SCHEMA_REVISION, stop=stop_sequences(r.task))
             calls.append(self._call(r, author, Phase.REVISE, rid, request))
             by_request[rid] = c
         self._within_budget(r, Phase.REVISE, calls)
         async with self._phase(r, Phase.REVISE) as note:
+            await self._refuse(r, Phase.REVISE, refused)
             revised = await self._fan_out(r, Phase.REVISE, calls, _free_text, whole=True)
             for call, content in revised:
                 c = by_request[call.request_id]
@@ -512,7 +641,7 @@ class DeliberationEngine:
                 r.proposals[c.author_id] = replace(
                     p, content=content, revisions=(*p.revisions, Revision(len(p.revisions), content, reason))
                 )
-            note.detail = f"round {round_}: {len(revised)}/{len(calls)} proposals revised"
+            note.detail = f"round {round_}: {len(revised)}/{len(calls) + len(refused)} proposals revised"
 
     async def _check(self, r: _Run) -> None:
         """Check every proposal whose latest revision has not been checked (a failed revision keeps its checks)."""
@@ -549,7 +678,7 @@ class DeliberationEngine:
         n = len(r.agents)
         order = {a.agent_id: i for i, a in enumerate(r.agents)}
         rubric = r.task.constraints.rubric
-        calls, shown = [], {}
+        calls, shown, refused = [], {}, []
         for i, voter in enumerate(r.agents):
             candidates = sorted(
                 (p for p in r.proposals.values() if p.author_id != voter.agent_id),
@@ -559,10 +688,20 @@ class DeliberationEngine:
                 continue
             labs = labels(len(candidates))
             rid = call_id(r.deliberation_id, Phase.SCORE, 0, voter.agent_id)
-            messages = score_messages(
-                r.system, r.task, voter, [(lab, p.content) for lab, p in zip(labs, candidates, strict=True)]
-            )
-            max_tokens = max(r.task.constraints.max_tokens, score_max_tokens(len(candidates), r.keys))
+            max_tokens = score_answer_tokens(r.task, len(candidates), r.keys, r.window)
+            try:
+                messages = r.fit(
+                    Phase.SCORE,
+                    voter.agent_id,
+                    max_tokens,
+                    lambda system, t, voter=voter, labs=labs: score_messages(
+                        system, r.task, voter, list(zip(labs, t, strict=True))
+                    ),
+                    [p.content for p in candidates],
+                )
+            except ContextOverflow as e:
+                refused.append((voter.agent_id, e))
+                continue
             request = r.request(
                 voter, rid, messages, SCHEMA_SCORES, json_schema=score_schema(labs, r.keys), max_tokens=max_tokens
             )
@@ -570,10 +709,11 @@ class DeliberationEngine:
             shown[rid] = dict(zip(labs, candidates, strict=True))
         self._within_budget(r, Phase.SCORE, calls)
         async with self._phase(r, Phase.SCORE) as note:
-            if not calls:
+            failures_before = len(r.failures)
+            await self._refuse(r, Phase.SCORE, refused)
+            if not calls and not refused:
                 note.detail = "skipped: no agent has a peer's proposal to score"
                 return ""
-            failures_before = len(r.failures)
             names = dict(zip(r.keys, (c.name for c in rubric), strict=True))
             answered = await self._fan_out(
                 r, Phase.SCORE, calls, lambda call, text: parse_scores(text, list(shown[call.request_id]), r.keys)
@@ -595,7 +735,7 @@ class DeliberationEngine:
                     dropped += 1
                     author = shown[call.request_id][label].author_id
                     await self._fail(r, Phase.SCORE, call.agent_id, f"unusable score for {author}: {problem}")
-            note.detail = f"{len(answered)}/{len(calls)} agents voted, {len(r.votes)} votes" + (
+            note.detail = f"{len(answered)}/{len(calls) + len(refused)} agents voted, {len(r.votes)} votes" + (
                 f", {dropped} candidate scores unusable" if dropped else ""
             )
         if answered or any(u.phase == Phase.SCORE for u in r.usage):  # usage is recorded for every LLM answer
@@ -603,7 +743,7 @@ class DeliberationEngine:
                 r.notes.append("no usable peer vote: the ranking rests on the checks alone")
             return ""
         first = r.failures[failures_before].error if len(r.failures) > failures_before else "no answer"
-        return f"no peer judgement: all {len(calls)} agents failed in SCORE: {first}"
+        return f"no peer judgement: all {len(calls) + len(refused)} agents failed in SCORE: {first}"
 
     async def _select(self, r: _Run) -> None:
         async with self._phase(r, Phase.SELECT) as note:
@@ -627,11 +767,29 @@ class DeliberationEngine:
                 labs = labels(len(top))
                 finalists = [_finalist(lab, rp) for lab, rp in zip(labs, top, strict=True)]
                 rid = call_id(r.deliberation_id, Phase.SELECT, 0, architect.agent_id)
-                messages = select_messages(r.system, r.task, architect, finalists)
+                try:
+                    messages = r.fit(
+                        Phase.SELECT,
+                        architect.agent_id,
+                        r.task.constraints.max_tokens,
+                        lambda system, t: select_messages(
+                            system,
+                            r.task,
+                            architect,
+                            [replace(f, content=text) for f, text in zip(finalists, t, strict=True)],
+                        ),
+                        [f.content for f in finalists],
+                    )
+                except ContextOverflow as e:
+                    await self._refuse(r, Phase.SELECT, [(architect.agent_id, e)])
+                    messages = ()
                 request = r.request(architect, rid, messages, SCHEMA_SELECTION, json_schema=selection_schema(labs))
                 call = self._call(r, architect, Phase.SELECT, rid, request)
                 budget = r.task.constraints.token_budget
-                if budget and r.tokens + projected_tokens([call]) > budget:
+                if not messages:
+                    why = r.failures[-1].error
+                    r.selection = self._fallback(r, f"the architect {architect.agent_id} could not be asked: {why}")
+                elif budget and r.tokens + projected_tokens([call]) > budget:
                     r.notes.append(f"the token budget of {budget} left no room for the architect's selection")
                     r.selection = self._fallback(r, "the token budget left no room for the architect's call")
                 else:
@@ -737,6 +895,11 @@ class DeliberationEngine:
             tokens = response.usage.total_tokens
             await self._emit(r, phase, "agent_completed", call.agent_id, f"{tokens} tokens")
         return done
+
+    async def _refuse(self, r: _Run, phase: Phase, refused: Sequence[tuple[str, ContextOverflow]]) -> None:
+        """Calls whose prompt cannot fit the model's window, even cut: never sent, their agents failed."""
+        for agent_id, overflow in refused:
+            await self._fail(r, phase, agent_id, describe_error(overflow)[0])
 
     async def _fail(self, r: _Run, phase: Phase, agent_id: str, error: str) -> None:
         r.failures.append(AgentFailure(agent_id, phase, error))

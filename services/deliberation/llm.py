@@ -1,9 +1,12 @@
-"""The engine's LLM port: the types of one chat call (no I/O; services/common/llm.py's VLLMClient is the adapter)."""
+"""The engine's LLM port: the types of one chat call and of the served model's context window (no I/O;
+services/common/llm.py's VLLMClient is the adapter, services/common/tokens.py holds the real tokenizers)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from services.common.errors import FleetError
 
@@ -55,3 +58,60 @@ class LLMResponse:
 
 class LLMError(FleetError):
     """The LLM server answered, but not usefully (a 4xx, an unparsable or schema-violating answer)."""
+
+
+class ContextOverflow(LLMError):
+    """A prompt that does not fit the model's context window: one the engine could not fit even trimmed (it is never
+    sent), or one the server refused as too long (the engine's count fell short)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+# --- the context window -----------------------------------------------------------------------------------------
+
+
+class TokenCounter(Protocol):
+    """Counts a text's tokens as the served model's tokenizer does (the chat template's own tokens aside)."""
+
+    name: str
+
+    def count(self, text: str) -> int: ...
+
+
+class CharEstimate:
+    """For a model whose tokenizer is not at hand: characters / 3, plus 10%. BPE vocabularies of 32K-150K tokens
+    average ~4 characters a token on English and 3-3.5 on code, so this over-counts both (it is a margin, not a
+    measure); it under-counts text with many non-Latin characters (CJK: ~1 token a character), for which the
+    server's refusal is still mapped to `ContextOverflow`."""
+
+    name = "chars/3+10%"
+
+    def count(self, text: str) -> int:
+        return math.ceil(len(text) * 11 / 30)
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """The served model's context window in tokens (prompt and answer together: vLLM's `max_model_len`), and how
+    to count a prompt against it. `source` says where the size came from ("server": GET /v1/models, "setting":
+    VLLM_CONTEXT_WINDOW)."""
+
+    tokens: int
+    counter: TokenCounter = field(default_factory=CharEstimate)
+    source: str = "server"
+
+    # The chat template's tokens, counted with a margin. Qwen's: "<|im_start|>role\n" + "<|im_end|>\n" = 5 a
+    # message; the answer's priming "<|im_start|>assistant\n" and the empty think block = 7 (vLLM counted 1922
+    # prompt tokens for a 1905-token system + user pair).
+    PER_MESSAGE = 6
+    PRIMING = 12
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return sum(self.counter.count(m.content) + self.PER_MESSAGE for m in messages) + self.PRIMING
+
+    def prompt_budget(self, max_tokens: int) -> int:
+        """What a prompt may take when its answer may take `max_tokens`."""
+        return self.tokens - max_tokens
+
+    def describe(self) -> str:
+        return f"{self.tokens:,}-token window ({self.source}, counted with {self.counter.name})"

@@ -5,6 +5,11 @@ requirements, context), so vLLM's prefix cache serves it to the whole council an
 specific to one agent and one phase (material to read, what the checks found, the rubric, persona, instruction)
 comes last, in the user message. Written for small models: short, code-first, one deliverable per answer.
 
+Every prompt fits the served model's context window (`fit_prompt`, when the engine knows the window): the
+material it carries (the context, proposals, what the checks found, a critique) is cut to its head, longest
+first, with a visible marker; the task, its tests, the rubric and the instructions are never cut. A prompt that
+cannot fit even so raises `ContextOverflow` with the numbers, and is never sent.
+
 Schemas stay in a small JSON-Schema subset that guided decoding and the loopback test server both honour:
 object (properties, required, additionalProperties false), array (items, minItems, maxItems), string (enum,
 minLength, maxLength), integer (minimum, maximum), boolean. Everything is bounded: small models loop on
@@ -18,12 +23,12 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.deliberation.domain import AgentSpec, CheckResult, Criterion, Role, Task
-from services.deliberation.llm import ChatMessage
+from services.deliberation.llm import ChatMessage, ContextOverflow, ContextWindow, TokenCounter
 
 # LLMRequest.schema_name per phase (free-text phases name theirs too, so fakes and logs can tell them apart).
 SCHEMA_PROPOSAL = "proposal"  # GENERATE: free text (markdown, code in fenced blocks)
@@ -76,13 +81,15 @@ def criterion_keys(rubric: Sequence[Criterion]) -> list[str]:
 # --- messages ---------------------------------------------------------------------------------------------------
 
 
-def system_prompt(task: Task) -> str:
+def system_prompt(task: Task, context: str | None = None) -> str:
     """The shared prefix's first message, identical for every call of one deliberation: who the agents are and what
     the code must satisfy (the task's tests, the code it builds on), then the context. The task itself opens every
     user message (`task_block`): measured with SmolLM2-135M (bench/bench_prompts.py), a task put in the system
     message is all but ignored by a small model (25% of answers parsed, 0 of 40 HumanEval problems solved), while
-    the same task first in the user message matches a plain "complete this function" prompt."""
+    the same task first in the user message matches a plain "complete this function" prompt. `context` replaces
+    the task's context (trimmed to fit the model's window)."""
     c = task.constraints
+    context = task.context if context is None else context
     parts = [f"You are a member of the {task.role} council of SWE AI Fleet. {ROLE_DESCRIPTIONS[task.role]}"]
     if c.tests.strip():
         parts.append(f"The code is saved as solution.py and must pass these tests:\n```python\n{c.tests.strip()}\n```")
@@ -91,9 +98,9 @@ def system_prompt(task: Task) -> str:
             "It builds on this code, which solution.py already holds (what you write is added after it):\n"
             f"```python\n{task.base_code.strip()}\n```"
         )
-    if task.context.strip():
+    if context.strip():
         version = f" (version {task.context_version})" if task.context_version else ""
-        parts.append(f"Context{version}:\n{task.context.strip()}")
+        parts.append(f"Context{version}:\n{context.strip()}")
     if not task.is_code_task:
         parts.append(
             "Rules: artefacts in fenced blocks tagged with their language (```yaml, ```json, ```sql); no real "
@@ -179,11 +186,19 @@ def _rubric(rubric: Sequence[Criterion]) -> str:
 
 
 def critique_messages(
-    system: str, task: Task, critic: AgentSpec, content: str, checks: Sequence[CheckResult] = ()
+    system: str,
+    task: Task,
+    critic: AgentSpec,
+    content: str,
+    checks: Sequence[CheckResult] = (),
+    *,
+    findings: str | None = None,
 ) -> tuple[ChatMessage, ...]:
+    """`findings` replaces `checks_summary(checks)` (trimmed to fit the model's window)."""
+    findings = checks_summary(checks) if findings is None else findings
     user = (
         f"{task_block(task)}\n\n## Proposal under review (written by a peer)\n{content.strip()}\n\n"
-        f"## What the checks found (the code was run against the tests)\n{checks_summary(checks)}\n\n"
+        f"## What the checks found (the code was run against the tests)\n{findings}\n\n"
         f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
         f"{_you(critic, 'reviewing this proposal')}\n"
         "verdict: 'accept' if it can ship as it is, 'revise' otherwise (always 'revise' when a check failed). "
@@ -192,6 +207,11 @@ def critique_messages(
         "must do instead). Answer with the JSON object only."
     )
     return (ChatMessage("system", system), ChatMessage("user", user))
+
+
+def review_text(verdict: str, summary: str, issues: Sequence[str]) -> str:
+    listed = "\n".join(f"- {i}" for i in issues) or "- (no specific issue)"
+    return f"Verdict: {verdict}.\nSummary: {summary}\nIssues:\n{listed}"
 
 
 def revise_messages(
@@ -203,12 +223,17 @@ def revise_messages(
     summary: str,
     issues: Sequence[str],
     checks: Sequence[CheckResult] = (),
+    *,
+    findings: str | None = None,
+    review: str | None = None,
 ) -> tuple[ChatMessage, ...]:
-    """The author's own generation turn replayed (so its prefix is cached too), then the evidence and the critique."""
-    listed = "\n".join(f"- {i}" for i in issues) or "- (no specific issue)"
+    """The author's own generation turn replayed (so its prefix is cached too), then the evidence and the critique.
+    `findings` and `review` replace `checks_summary(checks)` and `review_text(...)` (trimmed to fit the window)."""
+    findings = checks_summary(checks) if findings is None else findings
+    review = review_text(verdict, summary, issues) if review is None else review
     user = (
-        f"What the checks found when your proposal was run:\n{checks_summary(checks)}\n\n"
-        f"A peer reviewed it. Verdict: {verdict}.\nSummary: {summary}\nIssues:\n{listed}\n\n"
+        f"What the checks found when your proposal was run:\n{findings}\n\n"
+        f"A peer reviewed it. {review}\n\n"
         "Fix what the checks and the review show is wrong, keep what works. Answer with the complete revised "
         f"proposal (not a diff): {deliverable(task)}."
     )
@@ -268,6 +293,110 @@ def select_messages(
         "Answer with the JSON object only."
     )
     return (ChatMessage("system", system), ChatMessage("user", user))
+
+
+# --- fitting the model's window ---------------------------------------------------------------------------------
+
+TRIM_MARKER = "[... {trimmed:,} tokens trimmed to fit the model's {window:,}-token window ...]"
+MIN_KEPT = 32  # tokens a cut text keeps at least (its head: a signature, a first sentence)
+_FIT_ATTEMPTS = 4  # token counts of joined texts differ from their sum by a few: re-cut by the difference
+
+
+@dataclass(frozen=True)
+class Fitted:
+    messages: tuple[ChatMessage, ...]
+    tokens: int  # the prompt as counted against the window
+    trimmed: int = 0  # tokens cut from the material, in all
+    texts_cut: int = 0
+
+
+def fit_prompt(
+    build: Callable[[list[str]], tuple[ChatMessage, ...]],
+    texts: Sequence[str],
+    window: ContextWindow,
+    max_tokens: int,
+    what: str = "the prompt",
+) -> Fitted:
+    """`build(texts)` with the texts cut so that the prompt leaves `max_tokens` for the answer in the window.
+
+    Everything `build` adds around the texts is never cut; the texts share what is left as water fills vessels:
+    the short ones whole, the long ones cut to one common length, each keeping its head and ending with
+    `TRIM_MARKER`. Raises `ContextOverflow` naming `what` and the numbers when even `MIN_KEPT` tokens of each
+    text do not fit."""
+    budget = window.prompt_budget(max_tokens)
+    messages = build(list(texts))
+    total = window.prompt_tokens(messages)
+    if total <= budget:
+        return Fitted(messages, total)
+    counter = window.counter
+    fixed = window.prompt_tokens(build([""] * len(texts)))
+    counts = [counter.count(t) for t in texts]
+    marker = counter.count(TRIM_MARKER.format(trimmed=max(counts, default=0), window=window.tokens)) + 1
+    room = budget - fixed
+    for _ in range(_FIT_ATTEMPTS):
+        level = _level(counts, room, marker) if texts else None
+        if level is None:
+            break
+        cut = [
+            _cut(t, level, c, counter, window.tokens) if c > level + marker else (t, 0)
+            for t, c in zip(texts, counts, strict=True)
+        ]
+        messages = build([t for t, _ in cut])
+        total = window.prompt_tokens(messages)
+        if total <= budget:
+            return Fitted(messages, total, sum(n for _, n in cut), sum(n > 0 for _, n in cut))
+        room -= total - budget
+    least = sum(min(c, MIN_KEPT + marker) for c in counts)
+    raise ContextOverflow(
+        f"{what} does not fit the model's {window.tokens:,}-token window: {fixed:,} tokens that are never cut "
+        f"(task, tests, rubric, instructions) + at least {least:,} of the {sum(counts):,} tokens of material "
+        f"({len(texts)} text{'s' * (len(texts) != 1)}, cut to {MIN_KEPT} tokens each) + {max_tokens:,} for the "
+        f"answer (max_tokens) > {window.tokens:,}",
+        metadata={"window": str(window.tokens), "fixed": str(fixed), "max_tokens": str(max_tokens)},
+    )
+
+
+def _level(counts: Sequence[int], room: int, marker: int) -> int | None:
+    """The largest length L (>= MIN_KEPT) such that the texts, each whole when it has at most L + marker tokens
+    and else cut to L plus the marker, take at most `room` tokens; None when none does."""
+
+    def cost(level: int) -> int:
+        return sum(c if c <= level + marker else level + marker for c in counts)
+
+    if cost(MIN_KEPT) > room:
+        return None
+    lo, hi = MIN_KEPT, max(max(counts, default=0), MIN_KEPT)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _cut(text: str, keep: int, count: int, counter: TokenCounter, window: int) -> tuple[str, int]:
+    """The head of `text` with at most `keep` tokens (at a line end when one is near), then the marker; and how
+    many tokens were cut."""
+    lo, hi = 0, len(text)
+    guess = min(hi, len(text) * keep // max(count, 1))
+    if counter.count(text[:guess]) <= keep:
+        lo = guess
+    else:
+        hi = guess
+    while lo < hi:  # the longest prefix that fits
+        mid = (lo + hi + 1) // 2
+        if counter.count(text[:mid]) <= keep:
+            lo = mid
+        else:
+            hi = mid - 1
+    head = text[:lo]
+    line_end = head.rfind("\n")
+    if line_end >= len(head) * 3 // 4:
+        head = head[:line_end]
+    head = head.rstrip()
+    trimmed = max(1, count - counter.count(head))
+    return f"{head}\n{TRIM_MARKER.format(trimmed=trimmed, window=window)}", trimmed
 
 
 # --- schemas ----------------------------------------------------------------------------------------------------
