@@ -1,7 +1,11 @@
 """The vLLM adapter of the engine's LLM port: `VLLMClient` speaks vLLM's OpenAI-compatible chat API through the
 maintained `openai` client (its retries with Retry-After, SSE parsing and error bodies), over our own httpx client.
 
-The call types (`LLMRequest`, `LLMResponse`, ...) are the port's, in services/deliberation/llm.py.
+The call types (`LLMRequest`, `LLMResponse`, `ContextWindow`, ...) are the port's, in services/deliberation/llm.py.
+`window()` tells the engine the served model's context window: the `context_window` setting (VLLM_CONTEXT_WINDOW)
+when it is set, else the `max_model_len` vLLM reports for the model on GET /v1/models (asked once, then kept),
+counted with the model's real tokenizer where one is at hand (services/common/tokens.py). A 400 the server gives a
+prompt too long for it is a `ContextOverflow`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,16 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from services.common.errors import Unavailable
-from services.deliberation.llm import LLMError, LLMRequest, LLMResponse, TokenUsage
+from services.common.tokens import counter_for
+from services.deliberation.llm import (
+    ContextOverflow,
+    ContextWindow,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    TokenCounter,
+    TokenUsage,
+)
 
 T = TypeVar("T")
 
@@ -28,6 +41,9 @@ log = logging.getLogger("fleet.llm")
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 _ATTEMPT_HEADER = "x-stainless-retry-count"  # the openai client's count of the attempts before this one
+# vLLM's refusals of a prompt longer than the model's window ("This model's maximum context length is 2048
+# tokens. However, your prompt contains at least 2049 input tokens ..."; older: "... you requested N tokens")
+_TOO_LONG = ("maximum context length", "is too long", "too many input tokens")
 
 
 async def _cancel_once(exchange: Awaitable[T], grace: float = 5.0) -> T:
@@ -140,9 +156,15 @@ class VLLMClient:
         max_retries: int = 4,
         api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        context_window: int = 0,
+        counter: TokenCounter | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
+        self.context_window = max(0, context_window)  # 0: ask the server
+        self.counter = counter
+        self._window: ContextWindow | None = None
+        self._window_asked = False
         self.timeout = timeout
         self.max_retries = max(0, max_retries)
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
@@ -189,6 +211,53 @@ class VLLMClient:
             return [str(model.id) async for model in self._openai.models.list()]
 
         return await _cancel_once(self._errors(listing()))
+
+    async def window(self) -> ContextWindow | None:
+        """The served model's context window: the `context_window` setting, else the `max_model_len` the server
+        reports for this model (None when it reports none: prompts are then not budgeted). Asked once; an
+        unreachable server is not remembered (the next call asks again) and gives None."""
+        if self.asked_window:
+            return self._window
+        counter = self.counter or counter_for(self.model)
+        if self.context_window:
+            self._window = ContextWindow(self.context_window, counter, "setting")
+            return self._window
+        try:
+            tokens = await self.max_model_len()
+        except Unavailable as e:
+            log.warning("the context window of %s is unknown for now: %s", self.model, e.message)
+            return None
+        except LLMError as e:
+            log.warning("the context window of %s is unknown: %s", self.model, e.message)
+            tokens = None
+        self._window_asked = True
+        if tokens is None:
+            log.warning(
+                "vLLM at %s reports no max_model_len for %s: prompts are not fitted to a window "
+                "(set VLLM_CONTEXT_WINDOW)",
+                self.base_url,
+                self.model,
+            )
+            return None
+        self._window = ContextWindow(tokens, counter, "server")
+        log.info("model %s: %s", self.model, self._window.describe())
+        return self._window
+
+    @property
+    def asked_window(self) -> bool:
+        """The window is known, or the server answered without one (so asking again would not help)."""
+        return self._window is not None or self._window_asked
+
+    async def max_model_len(self) -> int | None:
+        """The context window vLLM reports for this model on GET /v1/models (`max_model_len`), None if none."""
+
+        async def listing() -> list[Any]:
+            return [model async for model in self._openai.models.list()]
+
+        cards = await _cancel_once(self._errors(listing()))
+        mine = [c for c in cards if str(c.id) == self.model] or (cards if len(cards) == 1 else [])
+        value = (mine[0].model_extra or {}).get("max_model_len") if mine else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     async def health(self) -> bool:
         """True when the server answers GET /health with 200 (one quick attempt, never raises)."""
@@ -315,6 +384,8 @@ class VLLMClient:
             message = _server_message(exc)
             if status in RETRYABLE_STATUS:
                 raise self._unavailable(exc, f"HTTP {status}: {message}") from exc
+            if status == 400 and any(words in message.lower() for words in _TOO_LONG):
+                raise ContextOverflow(f"vLLM at {self.base_url} refused the prompt as too long: {message}") from exc
             raise LLMError(f"vLLM at {self.base_url} rejected the request (HTTP {status}): {message}") from exc
         except openai.APIConnectionError as exc:
             raise self._unavailable(exc, _describe(exc, self.timeout)) from exc

@@ -3,7 +3,8 @@ Ray executor, answer its status, the service's stats and the active jobs.
 
 Ports (defined here, where they are used): an `ExecutorFactory` that makes the engine's executor for one
 deliberation (the Ray executor in production; it is closed after the deliberation, which releases its Ray
-work), and `Publish` for events. Every agent call is published as agent.* events (ObservedExecutor); the
+work), `Publish` for events, and `WindowSource`: the context window of the model a deliberation calls, which
+the engine fits every prompt to (the agents' calls run on the Ray workers, the prompts are built here). Every agent call is published as agent.* events (ObservedExecutor); the
 deliberation's lifecycle (orchestration.deliberation.started, then completed or failed) is published too,
 unless the caller publishes it itself (the orchestrator does: it knows the plan, and one event per outcome is
 what consumers expect).
@@ -31,6 +32,7 @@ from services.common.errors import AlreadyExists, NotFound, ResourceExhausted
 from services.common.events import DeliberationStatus
 from services.deliberation.domain import AgentSpec, Council, DeliberationResult, ProgressEvent, Task
 from services.deliberation.engine import AgentCall, CallOutcome, Checker, DeliberationEngine, ObservedExecutor
+from services.deliberation.llm import ContextWindow
 
 log = logging.getLogger("fleet.ray_executor")
 
@@ -65,6 +67,8 @@ class DeliberationRequest:
 # Makes the executor of one deliberation; `deadline` is its end in epoch seconds.
 ExecutorFactory = Callable[[DeliberationRequest, float], ClosableExecutor]
 Publish = Callable[[ev.Payload, str], Awaitable[None]]  # (payload, correlation_id)
+# The context window of the vLLM and model a deliberation calls (None: unknown, prompts are not fitted).
+WindowSource = Callable[[DeliberationRequest], Awaitable[ContextWindow | None]]
 
 
 @dataclass
@@ -104,6 +108,7 @@ class RayExecutorService:
         publish: Publish,
         *,
         checker: Checker | None = None,
+        windows: WindowSource | None = None,
         ray_address: str = "",
         max_active: int = 64,
         keep_finished: int = 1000,
@@ -111,6 +116,7 @@ class RayExecutorService:
         self.executors = executors
         self.publish = publish
         self.checker = checker
+        self.windows = windows
         self.ray_address = ray_address
         self.max_active = max_active
         self.keep_finished = keep_finished
@@ -203,9 +209,9 @@ class RayExecutorService:
                 if event.kind == "phase_started" and event.phase:
                     job.phase = str(event.phase)
 
-            result = await DeliberationEngine(observed, on_progress=progress, checker=self.checker).run(
-                r.task, r.council, r.architect, r.deliberation_id
-            )
+            window = await self.windows(r) if self.windows is not None else None
+            engine = DeliberationEngine(observed, on_progress=progress, checker=self.checker, window=window)
+            result = await engine.run(r.task, r.council, r.architect, r.deliberation_id)
             result = replace(result, executor=EXECUTOR_NAME)
         except asyncio.CancelledError:
             result = self._failed_result(pending, "the ray-executor stopped during the deliberation", t0)

@@ -18,8 +18,10 @@ from services.common.bus import EventBus
 from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer
 from services.common.lifecycle import serve
+from services.common.llm import VLLMClient
 from services.common.sandbox import SandboxClient
 from services.deliberation.grounding import ProposalChecker
+from services.deliberation.llm import ContextWindow
 from services.ray_executor.adapters.grpc_api import RayExecutorServicer
 from services.ray_executor.application import DeliberationRequest, RayExecutorService
 from services.ray_executor.executor import AgentPool, CallSpec, RayConnection, RayExecutor, connect_ray
@@ -55,6 +57,32 @@ def executor_factory(settings: RayExecutorSettings, pool: AgentPool):
         return RayExecutor(pool, spec)
 
     return make
+
+
+def model_windows(settings: RayExecutorSettings):
+    """Per deliberation: the context window of the vLLM and model it calls (VLLM_CONTEXT_WINDOW for the default
+    ones when set, else what the server reports), learned once per (url, model); an unreachable server is asked
+    again next time (its deliberation's calls fail on their own)."""
+    known: dict[tuple[str, str], ContextWindow | None] = {}
+
+    async def window(request: DeliberationRequest) -> ContextWindow | None:
+        url, model = request.vllm_url or settings.vllm_url, request.model or settings.vllm_model
+        if (url, model) in known:
+            return known[(url, model)]
+        default = (url, model) == (settings.vllm_url, settings.vllm_model)
+        async with VLLMClient(
+            url,
+            model,
+            timeout=min(settings.vllm_timeout_seconds, 10.0),
+            max_retries=1,
+            context_window=settings.vllm_context_window if default else 0,
+        ) as client:
+            found = await client.window()
+            if found is not None or client.asked_window:
+                known[(url, model)] = found
+        return found
+
+    return window
 
 
 @dataclass
@@ -109,6 +137,7 @@ async def start(settings: RayExecutorSettings, *, host: str = "0.0.0.0") -> Runn
             executor_factory(settings, pool),
             publish,
             checker=ProposalChecker(sandbox, timeout_seconds=settings.sandbox_timeout_seconds),
+            windows=model_windows(settings),
             ray_address=ray.address,
             max_active=settings.max_active_deliberations,
             keep_finished=settings.finished_jobs_kept,

@@ -30,6 +30,9 @@ class RayExecutorSettings(FleetSettings):
     vllm_model: str = Field("Qwen/Qwen3-0.6B", min_length=1)
     vllm_timeout_seconds: float = Field(120.0, gt=0)
     vllm_max_retries: int = Field(3, ge=0, le=10)
+    # The default model's context window (prompt + answer tokens) that every prompt is fitted to; 0 = ask vLLM
+    # (the max_model_len of GET /v1/models). A request naming another vLLM or model always asks it.
+    vllm_context_window: int = Field(0, ge=0, le=10_000_000, description="0 = the max_model_len vLLM reports")
     # One agent call (all its HTTP attempts) is bounded by this and by the deliberation's deadline.
     agent_timeout_seconds: float = Field(180.0, gt=0)
     # Token streaming: vllm.streaming.<deliberation>.<agent> chunks published by the Ray workers.
