@@ -1,6 +1,6 @@
 """Prompts fit the model's context window: the material is cut with a visible marker, the task, its tests and the
 rubric never; a prompt that cannot fit is refused with the numbers, never sent. A fake counter (words) stands in for
-the tokenizer (the real one and the real vLLM: tests/integration/llm/test_context_window.py)."""
+the tokenizer (the real one and the real vLLM: tests/integration/llm/test_vllm_context_window.py)."""
 
 from __future__ import annotations
 
