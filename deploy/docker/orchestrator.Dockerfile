@@ -19,10 +19,17 @@ RUN python -m venv /opt/fleet && /opt/fleet/bin/pip install pip==26.3 && /opt/fl
 COPY deploy/docker/fleet_wait.py /opt/fleet/bin/fleet-wait
 RUN chmod 0755 /opt/fleet/bin/fleet-wait
 
+# ---- slim: the venv without Ray (~240 MB: the orchestrator reaches Ray only through the ray-executor's gRPC API;
+# kubernetes-validate and ruff stay, its in-process deliberations check proposals with them); the build and a unit
+# test check that it imports without them
+FROM builder AS slim
+RUN /opt/fleet/bin/pip uninstall -y ray \
+    && /opt/fleet/bin/python -c "import services.cli, services.orchestrator.main"
+
 # ---- runtime: non-root, only the venv -----------------------------------------------------------------
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 fleet && useradd --system --uid 10001 --gid 10001 --create-home fleet
-COPY --from=builder /opt/fleet /opt/fleet
+COPY --from=slim /opt/fleet /opt/fleet
 ENV PATH=/opt/fleet/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 WORKDIR /home/fleet

@@ -107,3 +107,32 @@ def test_pip_is_pinned_in_every_builder_never_upgraded_to_whatever_is_newest():
         text = dockerfile.read_text()
         assert "--upgrade pip" not in text and "-U pip" not in text, f"{dockerfile.name}: pip upgraded, not pinned"
         assert re.search(r"/bin/pip install pip==\d+(\.\d+)+ ", text), f"{dockerfile.name}: no pinned pip"
+
+
+@pytest.mark.parametrize(
+    "image",
+    sorted(
+        p.stem
+        for p in (ROOT / "deploy" / "docker").glob("*.Dockerfile")
+        if "/opt/fleet/bin/pip uninstall" in p.read_text()
+    ),
+)
+def test_a_service_image_serves_without_what_its_dockerfile_uninstalls(image):
+    """Slim images uninstall packages their service never uses (Ray, kubernetes-validate, ruff): `fleet serve` of it
+    must import with those blocked (the build checks it again inside the image)."""
+    text = (ROOT / "deploy" / "docker" / f"{image}.Dockerfile").read_text()
+    (packages,) = re.findall(r"/opt/fleet/bin/pip uninstall -y ([^\\\n&]+)", text)
+    modules = {p.strip().replace("-", "_") for p in packages.split()}
+    main = f"services.{image.replace('-', '_')}.main"
+    script = f"""
+import importlib, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {sorted(modules)!r}:
+            raise ImportError(f"{{name}} is not in the {image} image")
+sys.meta_path.insert(0, Block())
+for name in ("services.cli", {main!r}):
+    importlib.import_module(name)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
