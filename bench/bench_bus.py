@@ -3,7 +3,9 @@
     make bench-bus            (or: python -m bench.bench_bus --messages 20000 --repeats 3)
 
 Three measurements, each alternating raw / adapter `--repeats` times (the machine is noisy; the median of
-each side is reported, and the ratio adapter ÷ raw):
+each side is reported, and the ratio adapter ÷ raw), as throughput and as this process's CPU time per message
+(user + system: steadier than throughput on a shared machine, where the other processes take the cores; the CPU
+ratio is raw's CPU ÷ the adapter's, so that above 1 is better for both ratios):
   1. sequential publish-with-ack (one awaited publish at a time)
   2. concurrent publish-with-ack (up to 512 acks in flight)
   3. consume + ack of a stream's backlog (raw: fetch(500) + ack; adapter: durable consumer, envelope
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import statistics
 import tempfile
 import time
@@ -28,6 +31,11 @@ from services.local.infra import LocalInfra
 
 SUBJECT = "planning.plan.approved"
 SPEC = c.CONSUMERS["orchestrator-plan-approved"]
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_events(n: int) -> list[c.Envelope]:
@@ -126,40 +134,63 @@ async def main(n_messages: int, n_sequential: int, repeats: int) -> None:
         seen_client = connect_valkey(settings.valkey_url)
         bus_seen = await EventBus.connect(settings, "bench-seen", seen=SeenSet(seen_client, 3600))
         results: dict[str, dict[str, list[float]]] = {}
+        cpu: dict[str, dict[str, list[float]]] = {}  # CPU µs per message
+        mark = [0.0]
 
-        def record(name: str, side: str, rate: float) -> None:
+        def start() -> None:
+            mark[0] = cpu_seconds()
+
+        def record(name: str, side: str, rate: float, n: int) -> None:
             results.setdefault(name, {}).setdefault(side, []).append(rate)
+            cpu.setdefault(name, {}).setdefault(side, []).append((cpu_seconds() - mark[0]) * 1e6 / n)
 
         for _ in range(repeats):
             for side, fn in (("raw", raw_sequential), ("adapter", ours_sequential)):
                 await reset(bus)
-                record("publish sequential", side, await fn(bus, make_events(n_sequential)))
+                events = make_events(n_sequential)
+                start()
+                record("publish sequential", side, await fn(bus, events), n_sequential)
             for side, fn in (("raw", raw_concurrent), ("adapter", ours_concurrent)):
                 await reset(bus)
-                record("publish concurrent", side, await fn(bus, make_events(n_messages)))
+                events = make_events(n_messages)
+                start()
+                record("publish concurrent", side, await fn(bus, events), n_messages)
             for side in ("raw", "adapter", "adapter+seen-set"):
                 await reset(bus)
                 await seen_client.flushdb()
                 await bus.publish_many(make_events(n_messages))
+                start()
                 if side == "raw":
                     rate = await raw_consume(bus, n_messages)
                 else:
                     rate = await ours_consume(bus if side == "adapter" else bus_seen, n_messages)
-                record("consume + ack", side, rate)
+                record("consume + ack", side, rate, n_messages)
         await bus.close()
         await bus_seen.close()
         await seen_client.aclose()
 
     print(f"\nbus throughput, msg/s (median of {repeats}; {n_messages} msgs, {n_sequential} sequential)")
-    print(f"{'measurement':<22}{'raw nats-py':>14}{'adapter':>12}{'ratio':>8}   notes")
+    print(
+        f"{'measurement':<22}{'raw nats-py':>14}{'adapter':>12}{'ratio':>8}"
+        f"{'raw CPU µs/msg':>16}{'adapter':>10}{'ratio':>8}   notes"
+    )
     for name, sides in results.items():
         raw = statistics.median(sides["raw"])
+        raw_cpu = statistics.median(cpu[name]["raw"])
         for side, rates in sides.items():
             if side == "raw":
                 continue
-            ours = statistics.median(rates)
+            ours, ours_cpu = statistics.median(rates), statistics.median(cpu[name][side])
             note = "" if side == "adapter" else side
-            print(f"{name:<22}{raw:>14,.0f}{ours:>12,.0f}{ours / raw:>8.2f}   {note}")
+            print(
+                f"{name:<22}{raw:>14,.0f}{ours:>12,.0f}{ours / raw:>8.2f}"
+                f"{raw_cpu:>16.1f}{ours_cpu:>10.1f}{raw_cpu / ours_cpu:>8.2f}   {note}"
+            )
+    if "adapter+seen-set" in cpu.get("consume + ack", {}):
+        seen = statistics.median(cpu["consume + ack"]["adapter+seen-set"]) - statistics.median(
+            cpu["consume + ack"]["adapter"]
+        )
+        print(f"the Valkey seen-set's own cost: {seen:.1f} µs CPU per message here (+ Valkey's), 2 round trips")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum, nonmember
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
 from services.common.errors import InvalidArgument
 from services.common.execution import test_source_problem
@@ -508,8 +508,28 @@ EVENTS: dict[str, EventSpec] = {
 }
 
 PAYLOAD_TYPES: dict[type[Payload], EventSpec] = {e.payload: e for e in EVENTS.values()}
-# The envelope model of each event type, parametrised once (Envelope[X] on every message costs a cache lookup).
-ENVELOPES: dict[str, type[Envelope[Any]]] = {e.event_type: Envelope[e.payload] for e in EVENTS.values()}  # type: ignore[name-defined]
+
+
+def _typed_envelope(spec: EventSpec) -> type[Envelope[Any]]:
+    """Envelope[X] whose `event_type` is the literal of X's event: the tag of the catalog's discriminated union."""
+    name = f"{spec.payload.__name__}Envelope"
+    model = create_model(  # type: ignore[call-overload]
+        name,
+        __base__=Envelope[spec.payload],  # type: ignore[name-defined]
+        __module__=__name__,
+        event_type=(Literal[spec.event_type], ...),
+    )
+    model.__qualname__ = name
+    globals()[name] = model  # importable by name (pickle)
+    return model
+
+
+# The envelope model of each event type, built once; make_event builds these and parse_event returns them.
+ENVELOPES: dict[str, type[Envelope[Any]]] = {e.event_type: _typed_envelope(e) for e in EVENTS.values()}
+# Every envelope of the catalog, told apart by `event_type`: one JSON pass validates a message whatever its type.
+ANY_ENVELOPE: TypeAdapter[Envelope[Any]] = TypeAdapter(
+    Annotated[Union[tuple(ENVELOPES.values())], Field(discriminator="event_type")]  # noqa: UP007
+)
 
 CONSUMERS: dict[str, ConsumerSpec] = {
     c.durable: c
@@ -582,7 +602,7 @@ def make_event(
     if spec is None:
         raise KeyError(f"{type(payload).__name__} is not in the event catalog")
     extra: dict[str, Any] = {"event_id": event_id} if event_id else {}
-    return Envelope[type(payload)](  # type: ignore[index]
+    return ENVELOPES[spec.event_type](
         event_type=spec.event_type,
         producer=producer,
         correlation_id=correlation_id,
@@ -605,7 +625,20 @@ def _describe(err: ValidationError) -> str:
 
 
 def parse_event(data: bytes, subject: str | None = None) -> Envelope[Any]:
-    """Validate raw bytes into an Envelope with its typed payload, or raise InvalidEvent saying why."""
+    """Validate raw bytes into an Envelope with its typed payload, or raise InvalidEvent saying why.
+
+    One pass for a valid message (the discriminated union on `event_type`); an invalid one is read again, in two
+    steps, to say precisely why (the type, then that type's schema)."""
+    try:
+        env = ANY_ENVELOPE.validate_json(data, strict=True)
+    except ValidationError:
+        return _parse_invalid(data, subject)
+    if subject is not None and env.subject != subject:
+        raise InvalidEvent(f"event_type {env.event_type} does not belong on subject {subject}")
+    return env
+
+
+def _parse_invalid(data: bytes, subject: str | None) -> Envelope[Any]:
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
