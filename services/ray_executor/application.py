@@ -202,6 +202,8 @@ class RayExecutorService:
                     ),
                     cid,
                 )
+            # the window first: the workers' deadline and the engine's then start together
+            window = await self._window(r)
             executor = self.executors(r, time.time() + r.task.constraints.timeout_seconds)
             observed = ObservedExecutor(executor, lambda p: self.publish(p, cid), executor_name=EXECUTOR_NAME)
 
@@ -209,7 +211,6 @@ class RayExecutorService:
                 if event.kind == "phase_started" and event.phase:
                     job.phase = str(event.phase)
 
-            window = await self.windows(r) if self.windows is not None else None
             engine = DeliberationEngine(observed, on_progress=progress, checker=self.checker, window=window)
             result = await engine.run(r.task, r.council, r.architect, r.deliberation_id)
             result = replace(result, executor=EXECUTOR_NAME)
@@ -225,6 +226,16 @@ class RayExecutorService:
                 executor.close()
             ACTIVE.dec()
         await self._finish(job, result, cid)
+
+    async def _window(self, r: DeliberationRequest) -> ContextWindow | None:
+        """The context window of the model the deliberation calls; None (prompts not fitted) when it is unknown."""
+        if self.windows is None:
+            return None
+        try:
+            return await self.windows(r)
+        except Exception as e:  # the source's own trouble: the deliberation runs, its prompts unfitted
+            log.warning("the context window for %s is unknown: %s: %s", r.deliberation_id, type(e).__name__, e)
+            return None
 
     @staticmethod
     def _failed_result(pending: DeliberationResult, error: str, t0: float) -> DeliberationResult:

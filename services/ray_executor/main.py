@@ -73,8 +73,8 @@ def model_windows(settings: RayExecutorSettings):
         async with VLLMClient(
             url,
             model,
-            timeout=min(settings.vllm_timeout_seconds, 10.0),
-            max_retries=1,
+            timeout=min(settings.vllm_timeout_seconds, 5.0),
+            max_retries=0,
             context_window=settings.vllm_context_window if default else 0,
         ) as client:
             found = await client.window()
