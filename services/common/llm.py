@@ -249,10 +249,12 @@ class VLLMClient:
         return self._window is not None or self._window_asked
 
     async def max_model_len(self) -> int | None:
-        """The context window vLLM reports for this model on GET /v1/models (`max_model_len`), None if none."""
+        """The context window vLLM reports for this model on GET /v1/models (`max_model_len`), None if none. One
+        quick attempt: a deliberation waiting for it when the server is down would wait twice."""
+        quick = self._openai.with_options(max_retries=0, timeout=min(self.timeout, 10.0))
 
         async def listing() -> list[Any]:
-            return [model async for model in self._openai.models.list()]
+            return [model async for model in quick.models.list()]
 
         cards = await _cancel_once(self._errors(listing()))
         mine = [c for c in cards if str(c.id) == self.model] or (cards if len(cards) == 1 else [])
