@@ -12,8 +12,9 @@ from services.common.errors import InvalidArgument
 from services.common.events import Role, StoryPhase
 from services.common.falkordb import batches, cypher_literal, inline
 from services.common.settings import SettingsError, env_vars, load_settings
+from services.common.tokens import QwenBPE
 from services.context.adapters.grpc_api import change_from_proto
-from services.context.adapters.tokenizer import QwenBPE, make_counter
+from services.context.adapters.tokenizer import make_counter
 from services.context.domain import (
     SCOPES,
     Decision,
