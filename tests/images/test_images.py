@@ -356,7 +356,11 @@ def _e2e_job() -> dict:
 
 
 @pytest.mark.skipif(os.environ.get("VLLM_CPU") != "1", reason="vllm-cpu (3.8 GB, slow): VLLM_CPU=1 to test it")
-def test_vllm_cpu_image_starts(engine):
+def test_vllm_cpu_image_imports_vllm(engine):
+    """Only that vLLM is there and imports as the non-root user: serving a model from it is not checked here yet."""
     ref = engine.image("vllm-cpu")
-    proc = engine.run("run", "--rm", ref, "python3", "-c", "import vllm; print(vllm.__version__)", timeout=300)
+    proc = engine.run(
+        "run", "--rm", "--user", "10001:10001", ref, "python3", "-c", "import vllm; print(vllm.__version__)",
+        timeout=300,
+    )  # fmt: skip
     assert proc.stdout.strip(), proc.stderr
