@@ -97,8 +97,8 @@ class Meter(Protocol):
     async def callers(self, limit: int) -> list[tuple[str, frozenset[str]]]: ...
 
 
-# (payload, correlation_id, actor: who caused it, the envelope's `actor` — a deliberation's `requested_by`)
-Publish = Callable[[ev.Payload, str, str], Awaitable[None]]
+# (payload, correlation_id, actor: who caused it — a deliberation's `requested_by` —, event id: "" for a new one)
+Publish = Callable[[ev.Payload, str, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,7 @@ class Orchestrator:
             ),
             cid,
             task.requested_by,
+            "",
         )
         await self.publish(
             ev.DeliberationStarted(
@@ -244,6 +245,7 @@ class Orchestrator:
             ),
             cid,
             task.requested_by,
+            "",
         )
         keep_lease = asyncio.create_task(self._keep_lease(deliberation_id))
         try:
@@ -270,7 +272,7 @@ class Orchestrator:
             result = await annotate(result)
         await self.store.save(result)
         await self.store.drop_lease(deliberation_id)
-        await self.publish(result.outcome_event(plan_id), cid, result.requested_by)
+        await self._announce(result, plan_id, cid)
         log.info(
             "deliberation %s of %s (%s) ended %s in %d ms",
             deliberation_id,
@@ -426,6 +428,7 @@ class Orchestrator:
         existing = await self.store.get(deliberation_id)
         if existing is not None and (existing.status.ended and not _interrupted(existing)):
             log.info("approval already handled for %s (%s): %s", task.task_id, task.role, existing.status)
+            await self._announce(existing, plan_id, cid)  # in case its runner died between saving and announcing
             return existing
         if existing is not None and await self.store.lease_holder(deliberation_id):
             raise RuntimeError(f"deliberation {deliberation_id} is running elsewhere")
@@ -441,11 +444,19 @@ class Orchestrator:
     ) -> DeliberationResult:
         existing = await self.store.get(deliberation_id)
         if existing is not None and existing.status.ended:
+            await self._announce(existing, plan_id, cid)
             return existing
         why = "; ".join(
             f"{d.task_id} ended {d.status}" + (f" ({d.error_message})" if d.error_message else "") for d in blocked
         )
         return await self._record_failed(task, deliberation_id, plan_id, cid, f"not started: its dependency {why}")
+
+    async def _announce(self, result: DeliberationResult, plan_id: str, cid: str) -> None:
+        """Publish how a deliberation ended, under an event id of its own: announcing it again (a redelivered
+        approval whose runner died after saving the result, before announcing it) is dropped by the stream's
+        duplicate window and by every consumer's seen-set, so the outcome is announced once and never lost."""
+        event_id = f"{result.deliberation_id}.outcome"
+        await self.publish(result.outcome_event(plan_id), cid, result.requested_by, event_id)
 
     async def _record_failed(
         self, task: Task, deliberation_id: str, plan_id: str, cid: str, why: str
@@ -457,7 +468,7 @@ class Orchestrator:
             finished_at=datetime.now(UTC),
         )
         await self.store.save(failed)
-        await self.publish(failed.outcome_event(plan_id), cid, failed.requested_by)
+        await self._announce(failed, plan_id, cid)
         return failed
 
     async def _link(self, result: DeliberationResult, deps: list[DeliberationResult]) -> DeliberationResult:

@@ -107,8 +107,8 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         transport=ShardedTransport(),  # hundreds of agent calls in flight (issue 15)
     )
 
-    async def publish(payload: ev.Payload, cid: str, actor: str) -> None:
-        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid, actor=actor))
+    async def publish(payload: ev.Payload, cid: str, actor: str, event_id: str) -> None:
+        await bus.publish(ev.make_event(payload, ev.ORCHESTRATOR, correlation_id=cid, actor=actor, event_id=event_id))
 
     token = auth.BearerToken(settings.auth_token_file)
     context = ContextClient(settings.context_address, token=token) if settings.context_address else None

@@ -93,6 +93,32 @@ async def test_duplicate_and_redelivered_approvals_run_once(stub, bus):
     assert len(rec.of("orchestration.deliberation.completed")) == 1
 
 
+async def test_an_outcome_saved_but_not_announced_is_announced_when_the_approval_comes_back(orchestrator, stub, bus):
+    """A replica killed between saving a result and announcing it: the redelivered approval runs nothing again but
+    announces the outcome, under the outcome's own event id (so an announcement that did go out is not doubled)."""
+    await create_all(stub)
+    rec = await Recorder().start(bus, "orchestration.>")
+    sent = approval(roles=("DEV",), story="S-9")
+    await bus.publish(sent)
+    (done,) = await rec.wait("orchestration.deliberation.completed", 1)
+    assert done.event_id == f"{done.payload.deliberation_id}.outcome"
+
+    app = orchestrator.app
+    published: list[tuple[str, str]] = []
+    real_publish = app.publish
+
+    async def watched(payload, cid, actor, event_id):
+        published.append((type(payload).__name__, event_id))
+        await real_publish(payload, cid, actor, event_id)
+
+    app.publish = watched
+    await app.on_plan_approved(sent)  # the redelivery
+    assert published == [("DeliberationCompleted", done.event_id)]  # announced again, nothing started
+    await asyncio.sleep(1.0)
+    assert len(rec.of("orchestration.deliberation.completed")) == 1  # the stream dropped the repeat
+    assert len(rec.of("orchestration.deliberation.started")) == 1
+
+
 async def test_bad_approval_is_dead_lettered_with_missing_fields_named(orchestrator, bus):
     await bus.js.publish(
         "planning.plan.approved",
