@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import httpx
 import openai
-from openai.types.chat import ChatCompletion
 
 from services.common.errors import Unavailable
 from services.common.tokens import counter_for
@@ -41,6 +40,7 @@ log = logging.getLogger("fleet.llm")
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 _ATTEMPT_HEADER = "x-stainless-retry-count"  # the openai client's count of the attempts before this one
+_RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"  # asks the client for the raw response (as with_raw_response does)
 # vLLM's refusals of a prompt longer than the model's window ("This model's maximum context length is 2048
 # tokens. However, your prompt contains at least 2049 input tokens ..."; older: "... you requested N tokens")
 _TOO_LONG = ("maximum context length", "is too long", "too many input tokens")
@@ -292,27 +292,32 @@ class VLLMClient:
         return arguments
 
     async def _completion(self, request: LLMRequest) -> LLMResponse:
-        raw = await self._openai.chat.completions.with_raw_response.create(**self._arguments(request))
-        completion = raw.parse()
+        # The body is posted as it is, through the client's own retries: its typed request transform and response
+        # models cost ~0.8 ms of CPU per call (1.9 -> 1.1 ms measured on loopback), for the fields read below.
+        arguments = self._arguments(request)
+        body = {k: v for k, v in arguments.items() if k not in ("extra_body", "extra_headers")} | arguments[
+            "extra_body"
+        ]
+        headers = {**arguments["extra_headers"], _RAW_RESPONSE_HEADER: "true"}  # the answer with its retries taken
+        raw = await self._openai.post("/chat/completions", body=body, cast_to=object, options={"headers": headers})
         try:
-            if not isinstance(completion, ChatCompletion):
-                raise TypeError("not a chat completion")
-            choice = completion.choices[0]
-            message = choice.message
-            content = message.content or ""
-            reasoning = getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None)
+            completion = raw.parse()
+            choice = completion["choices"][0]
+            message = choice["message"]
+            content = message.get("content") or ""
+            reasoning = message.get("reasoning") or message.get("reasoning_content")
             if not isinstance(content, str) or not (reasoning is None or isinstance(reasoning, str)):
                 raise TypeError("content/reasoning is not text")
-            usage = completion.usage
+            usage = completion.get("usage") or {}
             return LLMResponse(
                 content=content,
-                usage=TokenUsage(usage.prompt_tokens or 0, usage.completion_tokens or 0) if usage else TokenUsage(),
+                usage=TokenUsage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
                 reasoning=reasoning,
-                model=str(completion.model or self.model),
-                finish_reason=choice.finish_reason,
+                model=str(completion.get("model") or self.model),
+                finish_reason=choice.get("finish_reason"),
                 attempts=raw.retries_taken + 1,
             )
-        except (IndexError, TypeError, AttributeError) as exc:
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
             raise LLMError(
                 f"unparsable chat completion from vLLM at {self.base_url} ({exc!r}): {raw.http_response.text[:300]!r}"
             ) from exc
