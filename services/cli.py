@@ -339,6 +339,24 @@ def down(base_dir: FleetDirOption = ROOT / ".fleet") -> None:
         console.print(f"{name}: {what}")
 
 
+def _follow_live(endpoints: dict[str, str], approval, timeout: float):
+    """`follow` the demo's deliberations: on a terminal a live table of the agents (phase, tokens streamed,
+    elapsed) under the lifecycle lines; otherwise (a log, a test) a plain line per event."""
+    from rich.live import Live
+
+    from services.local.demo import follow
+    from services.local.live import CouncilBoard
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    if not console.is_terminal:
+        return _run(follow(endpoints, approval, say, timeout))
+    board = CouncilBoard()
+    with Live(console=console, get_renderable=board.render, refresh_per_second=4, transient=False):
+        return _run(follow(endpoints, approval, say, timeout, board=board))
+
+
 @app.command()
 def demo(
     once: Annotated[bool, typer.Option("--once", help="stop the fleet and exit after the results")] = False,
@@ -352,7 +370,7 @@ def demo(
     """Bring the fleet up, approve a sample plan (DEV + QA), follow the deliberations and print the winners.
     Exits non-zero when a deliberation did not complete."""
     from fleet.deliberation.v1 import deliberation_pb2 as dpb
-    from services.local.demo import follow, sample_plan
+    from services.local.demo import sample_plan
 
     fleet = _start_fleet(base_dir, model, llm_url, llm_model, executor)
     failed = False
@@ -363,9 +381,7 @@ def demo(
             f"{', '.join(str(r) for r in approval.roles or [])}: `fleet approve-plan` does the same"
         )
         try:
-            results = _run(
-                follow(fleet.endpoints, approval, lambda line: console.print(line, highlight=False), timeout)
-            )
+            results = _follow_live(fleet.endpoints, approval, timeout)
         except FleetError as e:
             err.print(f"[red]error:[/red] {e}")
             results, failed = [], True
@@ -657,27 +673,74 @@ def deliberate(
         ),
     )
 
+    live = console.is_terminal
+    board = None
+    if live:
+        from services.local.live import CouncilBoard
+
+        board = CouncilBoard()
+
     async def go():
         import grpc
 
         channel = await _ready_channel(_orchestrator_address(), 10)
+        tokens = await _token_stream(board) if board is not None else None
         try:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             async for update in stub.StreamDeliberation(pb.StreamDeliberationRequest(deliberation=request)):
-                if update.HasField("progress"):
-                    p = update.progress
-                    err.print(f"[dim]{p.phase:<9} {p.kind:<18} {p.agent_id} {p.detail}[/dim]")
-                else:
+                if not update.HasField("progress"):
                     return update.result
+                p = update.progress
+                if board is not None:
+                    board.progress(p)
+                else:
+                    err.print(f"[dim]{p.phase:<9} {p.kind:<18} {p.agent_id} {p.detail}[/dim]")
         except grpc.aio.AioRpcError as e:
             raise FleetError(f"{e.code().name}: {e.details()}") from None
         finally:
             await channel.close()
+            if tokens is not None:
+                await tokens.close()
 
-    result = _run(go())
+    if board is not None:
+        from rich.live import Live
+
+        with Live(console=console, get_renderable=board.render, refresh_per_second=4):
+            result = _run(go())
+    else:
+        result = _run(go())
     print_result(result)
     if result.status != dpb.DELIBERATION_STATUS_COMPLETED:  # type: ignore[union-attr]
         raise typer.Exit(1)
+
+
+async def _token_stream(board):
+    """Feed `board` the agents' streamed tokens from NATS (NATS_URL, else the local fleet's), best effort: without a
+    reachable NATS the live view shows phases and the exact counts of finished answers only. Returns the
+    connection (to close), or None."""
+    import nats
+
+    url = os.environ.get("NATS_URL") or _local_fleet().get("nats", "")
+    if not url:
+        return None
+
+    async def quiet(_: Exception) -> None:
+        return None
+
+    try:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet)
+    except Exception:  # the tokens are a nicety; the deliberation goes on without them
+        return None
+
+    async def on_chunk(msg) -> None:
+        try:
+            board.feed(catalog.parse_event(msg.data, msg.subject).payload)
+        except catalog.InvalidEvent:
+            return
+
+    for subject in catalog.STREAMS[catalog.Streams.TOKEN_STREAMS].subjects:
+        await nc.subscribe(subject, cb=on_chunk)
+    return nc
 
 
 @councils_app.command("list")
@@ -777,6 +840,9 @@ def print_result(message) -> None:
         f"[bold]{result.task_id}[/bold] ({result.role}): {result.status} in {result.duration_ms:.0f} ms, "
         f"{result.total_tokens} tokens" + (f" — {result.error_message}" if result.error_message else "")
     )
+    if result.phase_durations_ms:
+        phases = " · ".join(f"{phase} {ms / 1000:.1f} s" for phase, ms in result.phase_durations_ms.items())
+        console.print(f"phases: {phases}", highlight=False)
     table = Table("rank", "author", "score", "peer", "checks", "gates", "errors")
     for r in result.results:
         applicable = [c for c in r.checks if c.applicable]

@@ -23,8 +23,10 @@ from services.common import auth
 from services.common import events as ev
 from services.common.errors import FleetError, Unavailable
 from services.local.fleet import user_token
+from services.local.live import CouncilBoard
 
 WATCHED = (ev.Streams.ORCHESTRATOR_EVENTS, ev.Streams.AGENT_RESPONSES)  # what the demo reports progress from
+LIVE = (ev.Streams.AGENT_REQUESTS, ev.Streams.TOKEN_STREAMS)  # and, for the live view, calls and their tokens
 
 
 SLUGIFY_TESTS = """from solution import slugify
@@ -98,9 +100,12 @@ async def follow(
     approval: ev.PlanApproved,
     say: Callable[[str], None],
     timeout: float = 900.0,
+    board: CouncilBoard | None = None,
 ) -> list[dpb.DeliberationResult]:
     """Publish `approval`, report its deliberations' progress until each requested role ended, return the results.
 
+    `say` gets a line per deliberation started or ended and, without a `board`, per agent answer; a `board` is fed
+    every event of these deliberations, the agents' calls and streamed tokens included (the live view).
     Raises FleetError naming the roles still running when `timeout` passes."""
     roles = {str(r) for r in (approval.roles or list(ev.Role))}
     ended: dict[str, str] = {}  # role -> task id
@@ -120,9 +125,12 @@ async def follow(
         if isinstance(p, ev.DeliberationStarted) and p.story_id == approval.story_id:
             mine[p.deliberation_id] = str(p.role)
             say(f"{stamp()} {p.role}: council {p.council_id} started on {p.task_id} ({p.num_agents} agents)")
-        elif isinstance(p, ev.AgentResponseCompleted | ev.AgentResponseFailed) and p.deliberation_id in mine:
-            what = "answered" if isinstance(p, ev.AgentResponseCompleted) else f"FAILED ({p.error[:80]})"
-            say(f"{stamp()} {mine[p.deliberation_id]}: {p.agent_id} {what} {p.phase}")
+        if board is not None and getattr(p, "deliberation_id", None) in mine:
+            board.feed(p)
+        if isinstance(p, ev.AgentResponseCompleted | ev.AgentResponseFailed) and p.deliberation_id in mine:
+            if board is None:  # without the live view, a line per answer
+                what = "answered" if isinstance(p, ev.AgentResponseCompleted) else f"FAILED ({p.error[:80]})"
+                say(f"{stamp()} {mine[p.deliberation_id]}: {p.agent_id} {what} {p.phase}")
         elif isinstance(p, ev.DeliberationCompleted | ev.DeliberationFailed) and p.story_id == approval.story_id:
             ended[str(p.role)] = p.task_id
             outcome = "completed" if isinstance(p, ev.DeliberationCompleted) else f"ended {p.status}: {p.error}"
@@ -132,7 +140,8 @@ async def follow(
 
     nc = await nats.connect(endpoints["nats"], connect_timeout=5, max_reconnect_attempts=3)
     try:
-        subjects = [s for name in WATCHED for s in ev.STREAMS[name].subjects]
+        watched = (*WATCHED, *LIVE) if board is not None else WATCHED
+        subjects = [s for name in watched for s in ev.STREAMS[name].subjects]
         subs = [await nc.subscribe(subject, cb=on_event) for subject in subjects]
         say(await publish_approval(endpoints["monitoring"], approval, user_token(endpoints)))
         try:
