@@ -1,13 +1,15 @@
 """The whole fleet as local processes on loopback: `fleet up`, `fleet down`, `fleet demo`.
 
-NATS, Valkey, FalkorDB (Bolt) and a Ray head start in parallel with the vLLM server (the slowest, ~40 s); then
-the streams are provisioned and the services start in dependency order, each as `fleet serve <service>` (the
-command the container images run) on free ports:
+NATS, Valkey, FalkorDB (Bolt) and a Ray head start in parallel with the vLLM server (the slowest, ~40 s on an idle
+2-core machine, minutes on a busy one); then, while vLLM still loads (its port is chosen up front, and no service
+calls it before a deliberation), the streams are provisioned and the services start in dependency order, each as
+`fleet serve <service>` (the command the container images run) on free ports:
 
     sandbox  ->  context (graph)  ->  ray-executor (Ray, vLLM, sandbox)
              ->  orchestrator (context, ray-executor, sandbox)  ->  monitoring
 
-then the councils are created with `fleet councils init` (the command the Kubernetes init Job runs).
+then the councils are created with `fleet councils init` (the command the Kubernetes init Job runs). `start()`
+returns once vLLM answers too.
 
 Every call is authenticated: a local token issuer (services/local/issuer.py: a signing key in `<base>/auth/`, OIDC
 discovery and JWKS on loopback) is AUTH_ISSUER for every service; each service calling others gets its own token
@@ -234,23 +236,42 @@ class LocalFleet:
     def _start(self) -> None:
         for name in self.infra.names:
             self._set(name, "", "starting")
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="fleet-start") as pool:
-            llm = pool.submit(self._start_llm)
+        llm_url, llm_model, llm_port = self._llm_address()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-vllm")
+        try:
+            # vLLM loads (the slowest, 40 s and more) while everything else starts: the services only need its
+            # address, known here; the fleet is ready when vLLM is too.
+            llm = pool.submit(self._start_llm, llm_port)
             self.infra.start()
             for c in self.infra.components:
                 self._set(c.name, c.address, c.state)
-            llm_url, llm_model = llm.result()
-        self.endpoints = {c.name: c.address for c in self.infra.components}
-        self.endpoints["falkordb"] = self.infra.bolt_uri
-        self.endpoints["vllm"], self.endpoints["vllm_model"] = llm_url, llm_model
-        self.env = {**self.infra.env(), "VLLM_URL": llm_url, "VLLM_MODEL": llm_model}
-        self._start_issuer()
-        self._command("streams", ["streams", "init"])
-        for name in SERVICES:
-            if name in self.status:
-                self._start_service(name)
-        self._command("councils", ["councils", "init", "--agents", str(self.options.agents)])
+            self.endpoints = {c.name: c.address for c in self.infra.components}
+            self.endpoints["falkordb"] = self.infra.bolt_uri
+            self.endpoints["vllm"], self.endpoints["vllm_model"] = llm_url, llm_model
+            self.env = {**self.infra.env(), "VLLM_URL": llm_url, "VLLM_MODEL": llm_model}
+            self._start_issuer()
+            self._command("streams", ["streams", "init"])
+            for name in SERVICES:
+                if llm.done():
+                    llm.result()  # vLLM failed: stop here, saying why
+                if name in self.status:
+                    self._start_service(name)
+            self._command("councils", ["councils", "init", "--agents", str(self.options.agents)])
+            llm.result()
+        finally:
+            pool.shutdown(wait=False)  # on a failure `start` stops everything, vLLM included, without waiting for it
         self._write_endpoints()
+
+    def _llm_address(self) -> tuple[str, str, int | None]:
+        """(url, model, port to start vLLM on) before it starts: a given server's, or a free port for vLLM
+        (its model is checked to be set up now, not after the services started)."""
+        if self.options.llm_url:
+            return self.options.llm_url.rstrip("/"), self.options.llm_model or "default", None
+        from services.local.vllm import MODELS, require_setup
+
+        require_setup(self.options.model)
+        port = free_port(HOST)
+        return f"http://{HOST}:{port}", MODELS[self.options.model].served_as, port
 
     def _start_issuer(self) -> None:
         """The local issuer, a token per service that calls others, and the local user's token (every role)."""
