@@ -90,7 +90,6 @@ class FleetOptions:
     llm_model: str = ""  # its model name (with llm_url)
     executor: Literal["ray", "in-process"] = "ray"
     agents: int = 3
-    max_tokens_per_call: int = 192  # small models on 2 CPU cores: keep each answer short
     service_timeout: float = 60.0
     vllm_timeout: float = 300.0
     die_with_parent: bool = True
@@ -330,7 +329,6 @@ class LocalFleet:
         if name == "orchestrator":
             env["CONTEXT_ADDRESS"] = self.endpoints["context"]
             env["EXECUTOR"] = self.options.executor
-            env["MAX_TOKENS_PER_CALL"] = str(self.options.max_tokens_per_call)
             env["DEFAULT_NUM_AGENTS"] = str(self.options.agents)
             if self.options.executor == "ray":
                 env["RAY_EXECUTOR_ADDRESS"] = self.endpoints["ray-executor"]

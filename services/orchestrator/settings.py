@@ -51,10 +51,6 @@ class OrchestratorSettings(FleetSettings):
     # Plan approvals handled at once (each runs its roles' deliberations concurrently).
     approval_concurrency: int = Field(4, ge=1, le=64)
     default_num_agents: int = Field(3, ge=1, le=10)
-    # Defaults for a task's constraints when a request leaves them at zero.
-    deliberation_timeout_seconds: float = Field(600.0, gt=0)
-    deliberation_token_budget: int = Field(200_000, ge=0)
-    max_tokens_per_call: int = Field(512, ge=16)
     # Per caller (token subject), for Deliberate and StreamDeliberation: JSON {"<role>": {"deliberations_per_minute":
     # n, "tokens_per_day": n}} over DEFAULT_SPENDING_CAPS (what it leaves out keeps its default); a caller gets the
     # most generous cap among its roles (0 = unlimited). Ignored with authentication off.

@@ -19,7 +19,6 @@ def orch_settings(settings, llm_server) -> OrchestratorSettings:
         vllm_model="test-model",
         vllm_max_retries=1,
         vllm_timeout_seconds=10,
-        deliberation_timeout_seconds=60,
     )
 
 
