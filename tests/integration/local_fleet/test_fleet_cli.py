@@ -114,6 +114,10 @@ def the_cli_finds_and_authenticates_to_the_running_fleet(base: Path, endpoints: 
     assert councils.returncode == 0, councils.stderr
     assert "council-dev" in councils.stdout and f"orchestrator {endpoints['orchestrator']}" in councils.stderr
 
+    # A variable wins over the running fleet's endpoints.json (here one that points nowhere).
+    elsewhere = fleet(base, "councils", "list", env={"ORCHESTRATOR_ADDRESS": "127.0.0.1:9"})
+    assert elsewhere.returncode == 1 and "127.0.0.1:9 not reachable" in elsewhere.stderr, elsewhere.stderr
+
     # Every call is authenticated: a viewer may list councils, not create them; no token at all is refused.
     viewer = fleet(base, "token", "--user", "vera@example.com", "--role", "viewer", "--base-dir", str(base))
     assert viewer.returncode == 0, viewer.stderr
