@@ -104,7 +104,7 @@ images: container-tools $(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),base
 	./deploy/docker/build.sh $(IMAGES)
 
 test-images: $(STAMP) images ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health
-	$(BIN)/pytest tests/images -m images -p no:cacheprovider $(IMAGE_TEST_ARGS)
+	$(BIN)/pytest tests/images -m "$(if $(filter 1,$(VLLM_CPU)),images,images and not vllm_cpu)" -p no:cacheprovider $(IMAGE_TEST_ARGS)
 
 clean: ## Remove caches and local run state (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .fleet build *.egg-info test-artifacts

@@ -11,7 +11,6 @@ and NetworkPolicies (host networking: every container sees every port).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import grpc
@@ -355,7 +354,7 @@ def _e2e_job() -> dict:
     return next(o for o in yaml.safe_load_all(out) if o and o["kind"] == "Job")
 
 
-@pytest.mark.skipif(os.environ.get("VLLM_CPU") != "1", reason="vllm-cpu (3.8 GB, slow): VLLM_CPU=1 to test it")
+@pytest.mark.vllm_cpu  # `make test-images VLLM_CPU=1` selects it; otherwise it is deselected, never skipped
 def test_vllm_cpu_image_imports_vllm(engine):
     """Only that vLLM is there and imports as the non-root user: serving a model from it is not checked here yet."""
     ref = engine.image("vllm-cpu")

