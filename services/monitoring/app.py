@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -222,7 +222,6 @@ def caller(role: str | None) -> Any:
 
 
 viewer, product_owner, anyone = caller(auth.VIEWER), caller(auth.PRODUCT_OWNER), caller(None)
-VIEWERS = [Depends(viewer)]
 
 
 # --- composition ---------------------------------------------------------------------------------------------------
@@ -363,7 +362,10 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             roles=sorted(principal.roles),
         )
 
-    @app.get("/api/catalog", response_model=Catalog, dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"])
+    # Everything the page reads: viewers (each route documents the 401 and 403 through the router).
+    viewers = APIRouter(dependencies=[Depends(viewer)], responses=AUTH_PROBLEMS)
+
+    @viewers.get("/api/catalog", response_model=Catalog, tags=["feed"])
     async def catalog() -> Catalog:
         """Subject families, roles and event types of the event catalog (the page builds its filters from it)."""
         families = [
@@ -382,16 +384,12 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             dead_letter_family=DEAD_LETTER_FAMILY,
         )
 
-    @app.get(
-        "/api/dependencies", response_model=Dependencies, dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"]
-    )
+    @viewers.get("/api/dependencies", response_model=Dependencies, tags=["feed"])
     async def dependencies() -> Dependencies:
         """Which dependency is up, which is down and why, and the state of each stream's live-feed consumer."""
         return monitoring.dependencies()
 
-    @app.get(
-        "/api/events", response_model=list[FeedEvent], dependencies=VIEWERS, responses=AUTH_PROBLEMS, tags=["feed"]
-    )
+    @viewers.get("/api/events", response_model=list[FeedEvent], tags=["feed"])
     async def events(
         family: FamilyQuery = None,
         story: StoryQuery = None,
@@ -400,11 +398,9 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         """Recent events (the feed's bounded history), oldest first."""
         return feed.history.select(family.value if family else None, story, limit)
 
-    @app.get(
+    @viewers.get(
         "/api/events/stream",
         response_class=EventSourceResponse,
-        dependencies=VIEWERS,
-        responses=AUTH_PROBLEMS,
         tags=["feed"],
     )
     async def stream(family: FamilyQuery = None, story: StoryQuery = None) -> AsyncIterator[ServerSentEvent]:
@@ -424,22 +420,18 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         finally:
             feed.hub.leave(client)
 
-    @app.get(
+    @viewers.get(
         "/api/dead-letters",
         response_model=list[FeedEvent],
-        dependencies=VIEWERS,
-        responses=AUTH_PROBLEMS,
         tags=["feed"],
     )
     async def dead_letters(limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> list[FeedEvent]:
         """Recent dead letters, newest first, each with its reason and origin (`dead_letter`)."""
         return list(reversed(feed.history.select(DEAD_LETTER_FAMILY, None, limit)))
 
-    @app.get(
+    @viewers.get(
         "/api/deliberations",
         response_model=list[DeliberationSummary],
-        dependencies=VIEWERS,
-        responses=AUTH_PROBLEMS,
         tags=["deliberations"],
     )
     async def deliberations(
@@ -450,16 +442,14 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         """Deliberations seen in the events, most recently active first."""
         return feed.deliberations.list(story, status.value if status else None, limit)
 
-    @app.get(
+    @viewers.get(
         "/api/deliberations/{task_id}",
         response_model=DeliberationResult,
         tags=["deliberations"],
         responses={
             404: {"model": Problem, "description": "No deliberation for this task"},
             **ORCHESTRATOR_PROBLEMS,
-            **AUTH_PROBLEMS,
         },
-        dependencies=VIEWERS,
     )
     async def deliberation(task_id: Annotated[str, PathParam(pattern=ev.ID_PATTERN)]) -> JSONResponse:
         """The latest deliberation of a task (the orchestrator's GetDeliberationResult), as the domain's
@@ -468,23 +458,21 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
         whether the winner is verified and why, notes."""
         return JSONResponse(dump(await monitoring.orchestrator.deliberation(task_id)))
 
-    @app.get(
+    @viewers.get(
         "/api/councils",
         response_model=Councils,
         tags=["councils"],
-        responses=ORCHESTRATOR_PROBLEMS | AUTH_PROBLEMS,
-        dependencies=VIEWERS,
+        responses=ORCHESTRATOR_PROBLEMS,
     )
     async def councils(role: ev.Role | None = None) -> Any:
         """Councils and their agents (the orchestrator's ListCouncils)."""
         return await monitoring.orchestrator.councils(role.value if role else "")
 
-    @app.get(
+    @viewers.get(
         "/api/orchestrator/status",
         response_model=OrchestratorStatus,
         tags=["councils"],
-        responses=ORCHESTRATOR_PROBLEMS | AUTH_PROBLEMS,
-        dependencies=VIEWERS,
+        responses=ORCHESTRATOR_PROBLEMS,
     )
     async def orchestrator_status() -> Any:
         """The orchestrator's GetStatus with its statistics."""
@@ -543,6 +531,8 @@ def create_app(settings: MonitoringSettings) -> FastAPI:
             story_id=payload.story_id,
             plan_id=payload.plan_id,
         )
+
+    app.include_router(viewers)
 
     if not monitoring.guard.enabled:  # the published API is the enforced one: no bearer scheme when none is checked
         full = app.openapi
