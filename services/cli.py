@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -555,6 +556,7 @@ def token(
 # --- councils and deliberations (gRPC clients of the orchestrator) ----------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)  # a command asks for an address and for the token: read and checked once
 def _local_fleet(base_dir: str | Path | None = None) -> dict[str, str]:
     """The endpoints of the fleet `fleet up` runs from this checkout (FLEET_DIR, default .fleet), or {}; a stale
     endpoints.json (its fleet killed) fails saying so."""
