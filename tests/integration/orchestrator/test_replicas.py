@@ -1,10 +1,12 @@
-"""Two orchestrator processes (`fleet serve orchestrator`) on one NATS and one Valkey share the plan approvals' durable
-consumer: one is SIGKILLed midway, and still every approval is deliberated exactly once, both did work, and either
-answers for the other (issue 15)."""
+"""Three orchestrator processes (`fleet serve orchestrator`) on one NATS and one Valkey share the plan approvals'
+durable consumer: one is SIGKILLed midway, and still every approval is deliberated exactly once, every replica did
+work (the two survivors both after the kill: two replicas sharing the consumer), and any answers for the others
+(issue 15)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -34,6 +36,7 @@ ENDED = re.compile(r"deliberation (delib-\S+) of (\S+) \(DEV\) ended COMPLETED")
 
 
 def replica(name: str, settings, llm_url: str, log_dir: Path) -> tuple[ManagedProcess, str]:
+    """A replica's process and gRPC address (not started yet)."""
     port = free_port()
     process = ManagedProcess(
         name,
@@ -57,9 +60,17 @@ def replica(name: str, settings, llm_url: str, log_dir: Path) -> tuple[ManagedPr
         },
         cwd=ROOT,
     )
-    address = f"127.0.0.1:{port}"
-    start_component(process, grpc_serving(address), address=address, timeout=60)
-    return process, address
+    return process, f"127.0.0.1:{port}"
+
+
+async def start_all(replicas: list[tuple[ManagedProcess, str]]) -> None:
+    """Start the replicas side by side (each takes seconds to import and connect)."""
+    await asyncio.gather(
+        *(
+            asyncio.to_thread(start_component, process, grpc_serving(address), address=address, timeout=90)
+            for process, address in replicas
+        )
+    )
 
 
 def completed_in_log(process: ManagedProcess) -> set[str]:
@@ -79,43 +90,43 @@ def plan(i: int) -> ev.Envelope:
     return ev.make_event(payload, ev.PO_UI)
 
 
-async def test_two_replicas_share_approvals_and_survive_a_sigkill(settings, bus, llm_server, tmp_path):
+async def test_three_replicas_share_approvals_and_survive_a_sigkill(settings, bus, llm_server, tmp_path):
     await llm_server.acontrol(delay_ms=150)  # a deliberation takes ~1 s: the kill lands while work is in flight
-    a, a_address = replica("orchestrator-a", settings, llm_server.url, tmp_path)
-    b, b_address = replica("orchestrator-b", settings, llm_server.url, tmp_path)
+    replicas = [replica(f"orchestrator-{n}", settings, llm_server.url, tmp_path) for n in "abc"]
+    (a, _), (b, _), (c, _) = replicas
     try:
-        async with (
-            grpc.aio.insecure_channel(a_address) as ch_a,
-            grpc.aio.insecure_channel(b_address) as ch_b,
-        ):
-            stub_a = orchestrator_pb2_grpc.OrchestratorServiceStub(ch_a)
-            stub_b = orchestrator_pb2_grpc.OrchestratorServiceStub(ch_b)
-            await create_all(stub_a)
-            # Deliberate answers from either replica, and each reads what the other ran.
-            on_a = (await stub_a.Deliberate(deliberate_request("T-on-a"))).result
-            on_b = (await stub_b.Deliberate(deliberate_request("T-on-b"))).result
-            assert on_a.status == on_b.status == dpb.DELIBERATION_STATUS_COMPLETED
-            for stub, other in ((stub_a, on_b), (stub_b, on_a)):
-                got = (await stub.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=other.task_id))).result
-                assert got.deliberation_id == other.deliberation_id and got.winner_id == other.winner_id
+        await start_all(replicas)
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(addr)) for _, addr in replicas]
+            stubs = [orchestrator_pb2_grpc.OrchestratorServiceStub(ch) for ch in channels]
+            await create_all(stubs[0])
+            # Deliberate answers from any replica, and each reads what the others ran.
+            ran = [(await stub.Deliberate(deliberate_request(f"T-on-{i}"))).result for i, stub in enumerate(stubs)]
+            assert [r.status for r in ran] == [dpb.DELIBERATION_STATUS_COMPLETED] * 3
+            for i, stub in enumerate(stubs):
+                for other in ran[:i] + ran[i + 1 :]:
+                    req = pb.GetDeliberationResultRequest(task_id=other.task_id)
+                    got = (await stub.GetDeliberationResult(req)).result
+                    assert got.deliberation_id == other.deliberation_id and got.winner_id == other.winner_id
 
             completed = await Recorder().start(bus, ev.PAYLOAD_TYPES[ev.DeliberationCompleted].subject_pattern)
             approvals = [plan(i) for i in range(APPROVALS)]
             await bus.publish_many(approvals)
             expected = {f"S-rep-{i}:P-1:DEV" for i in range(APPROVALS)}
 
-            # Midway (both replicas have completed approvals, most are still to do): SIGKILL replica A.
+            # Midway (every replica has completed approvals, most are still to do): SIGKILL replica A.
             async with asyncio.timeout(120):
                 while True:
-                    by_a, by_b = completed_in_log(a) & expected, completed_in_log(b) & expected
-                    if by_a and by_b and len(by_a | by_b) >= 8:
+                    done = [completed_in_log(p) & expected for p in (a, b, c)]
+                    if all(done) and len(set().union(*done)) >= 8:
                         break
                     await asyncio.sleep(0.05)
             assert a.pid is not None
             os.kill(a.pid, signal.SIGKILL)
             done_by_a = completed_in_log(a) & expected
-            at_kill = len(done_by_a | completed_in_log(b) & expected)
-            assert at_kill < APPROVALS, "the kill came too late to prove anything: slow the LLM down"
+            before_kill = {p.name: completed_in_log(p) & expected for p in (b, c)}
+            at_kill = len(done_by_a | set().union(*before_kill.values()))
+            assert at_kill < APPROVALS - 8, "the kill came too late to prove anything: slow the LLM down"
 
             # Every approval's deliberation completes, exactly once (one deliberation.completed per task).
             async with asyncio.timeout(150):
@@ -127,20 +138,27 @@ async def test_two_replicas_share_approvals_and_survive_a_sigkill(settings, bus,
             assert [t for t, n in per_task.items() if n != 1] == []
             assert len({e.payload.deliberation_id for e in completed.events if e.payload.task_id in expected}) == 30
 
-            # Both replicas did work: A before it died, B the rest (and what A had in hand).
-            done_by_b = completed_in_log(b)
-            assert done_by_a & expected and done_by_b & expected, (done_by_a, done_by_b)
-            assert (done_by_a | done_by_b) >= expected
-            assert not (done_by_a & done_by_b & expected), "a task deliberated to completion by both"
+            # Every replica did work: A before it died; B and C before and after the kill (then two replicas shared
+            # the consumer, and took over what A had in hand).
+            done_by = {p.name: completed_in_log(p) & expected for p in (a, b, c)}
+            assert all(done_by.values()), done_by
+            after_kill = {name: done_by[name] - before_kill[name] for name in before_kill}
+            assert all(after_kill.values()), after_kill
+            assert set().union(*done_by.values()) == expected
+            assert sum(map(len, done_by.values())) == APPROVALS, "a task deliberated to completion by two replicas"
 
-            # The survivor answers for every task, including those the dead replica ran.
-            for task_id in sorted(expected):
-                got = (await stub_b.GetDeliberationResult(pb.GetDeliberationResultRequest(task_id=task_id))).result
-                assert got.status == dpb.DELIBERATION_STATUS_COMPLETED, (task_id, got.error_message)
+            # The survivors answer for every task, including those the dead replica ran.
+            for stub in stubs[1:]:
+                for task_id in sorted(expected):
+                    req = pb.GetDeliberationResultRequest(task_id=task_id)
+                    got = (await stub.GetDeliberationResult(req)).result
+                    assert got.status == dpb.DELIBERATION_STATUS_COMPLETED, (task_id, got.error_message)
             print(
-                f"replica A completed {len(done_by_a & expected)} before its SIGKILL (at {at_kill} of {APPROVALS}), "
-                f"replica B {len(done_by_b & expected)}"
+                f"replica A completed {len(done_by_a)} before its SIGKILL (at {at_kill} of {APPROVALS}); "
+                f"then B {len(after_kill[b.name])} and C {len(after_kill[c.name])} "
+                f"(in all B {len(done_by[b.name])}, C {len(done_by[c.name])})"
             )
+        assert [b.stop(15), c.stop(15)] == [0, 0], (b.log_tail(), c.log_tail())  # the survivors stop cleanly
     finally:
-        a.stop(5)
-        assert b.stop(15) == 0, b.log_tail()
+        for process, _ in replicas:
+            process.stop(5)
