@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import ipaddress
+import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -114,6 +117,11 @@ THIRD_PARTY_IMAGES = {"nats", "valkey/valkey", "neo4j", "vllm/vllm-openai"}
 WRITABLE_ROOT_IMAGES = {"ray", "vllm-cpu"}
 SECRETISH = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE|_KEY$|^KEY$|AUTH$)", re.IGNORECASE)
 SECRET_PLACEHOLDER = "<from-secret>"
+# Custom resources kubernetes-validate has no schema for: each has a structural test of the fields we use, written
+# against one pinned version of its CRD (KubeRay's ray.io/v1 as of KubeRay 1.1, KEDA's keda.sh/v1alpha1 as of
+# KEDA_VERSION; deploy/k8s/README.md names both in its prerequisites).
+CHECKED_STRUCTURALLY = {"RayCluster", "ScaledObject"}
+KEDA_VERSION = "2.19"
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -124,8 +132,16 @@ ADD_ONS = ("e2e", "eval")
 
 
 def kustomizations() -> list[str]:
-    """Every folder under deploy/k8s with a kustomization, relative to deploy/k8s (base, e2e, overlays/...)."""
-    found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
+    """Every folder under deploy/k8s with a kustomization, relative to deploy/k8s (base, e2e, overlays/...).
+
+    Components (`kind: Component`, components/...) are left out: one renders nothing by itself, it is checked through
+    the overlays that use it (overlays/autoscaling, and test_the_autoscaling_component_composes_with_the_cpu_overlay).
+    """
+    found = sorted(
+        p.parent.relative_to(K8S).as_posix()
+        for p in K8S.rglob("kustomization.yaml")
+        if yaml.safe_load(p.read_text()).get("kind") != "Component"
+    )
     return found
 
 
@@ -305,15 +321,15 @@ def image_name(image: str) -> tuple[str, str]:
 
 
 def test_the_kustomizations_are_there():
-    assert {"base", *ADD_ONS} <= set(kustomizations())
+    assert {"base", *ADD_ONS, "overlays/autoscaling"} <= set(kustomizations())
 
 
 @pytest.mark.parametrize("name", kustomizations())
 def test_objects_are_valid_kubernetes(name):
-    """Strict schema validation of every object; a missing schema fails (the CRD RayCluster has its own test)."""
+    """Strict schema validation of every object; a missing schema fails (the CRDs have their own tests)."""
     errors = []
     for obj in render(name):
-        if obj["kind"] == "RayCluster":
+        if obj["kind"] in CHECKED_STRUCTURALLY:
             continue
         where = f"{obj['kind']}/{obj['metadata'].get('name')}"
         try:
@@ -336,7 +352,13 @@ def test_raycluster_structure(name):
     for rc in clusters:
         assert rc["apiVersion"] == "ray.io/v1"
         spec = rc["spec"]
-        assert set(spec) <= {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling"}, spec.keys()
+        assert set(spec) <= {
+            "rayVersion",
+            "headGroupSpec",
+            "workerGroupSpecs",
+            "enableInTreeAutoscaling",
+            "autoscalerOptions",  # test_raycluster_autoscaler
+        }, spec.keys()
         # Ray client mode needs the same Ray on both sides: the images install the Ray the project pins.
         assert spec["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2], (
             spec["rayVersion"],
@@ -358,7 +380,13 @@ def test_raycluster_structure(name):
                     "rayStartParams",
                     "template",
                 }
-                assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
+                if spec.get("enableInTreeAutoscaling"):
+                    # The autoscaler owns `replicas` (KubeRay's CRD defaults it to 0 and keeps it within
+                    # min..max): one in the manifest would be reset by every `kubectl apply`, killing busy workers.
+                    assert "replicas" not in group, f"{group_name}: replicas is the autoscaler's (remove it)"
+                    assert 0 <= group["minReplicas"] <= group["maxReplicas"], group
+                else:
+                    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
             else:
                 assert set(group) <= {"rayStartParams", "template", "serviceType"}
             template = {
@@ -1800,3 +1828,352 @@ def test_build_script_builds_every_dockerfile_and_only_those():
         assert (ROOT / path).is_file(), f"{image}: {path} does not exist"
         assert image == f"{OUR_REGISTRY}{Path(path).name.removesuffix('.Dockerfile')}:{PROJECT_VERSION}"
     assert built.get(f"{OUR_REGISTRY}sandbox:{PROJECT_VERSION}") == "deploy/docker/sandbox.Dockerfile"
+
+
+# --- autoscaling (overlays/autoscaling = base + components/autoscaling; deploy/k8s/README.md, "Autoscaling") -----
+
+# KEDA's ScaledObject (keda.sh/v1alpha1) as of KEDA_VERSION: the fields its CRD has (apis/keda/v1alpha1/
+# scaledobject_types.go), checked by name since kubernetes-validate has no schema for it.
+SCALEDOBJECT_SPEC = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "initialCooldownPeriod",
+    "cooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "advanced",
+    "triggers",
+    "fallback",
+}
+SCALEDOBJECT_TARGET = {"name", "apiVersion", "kind", "envSourceContainerName"}
+SCALEDOBJECT_TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
+SCALEDOBJECT_ADVANCED = {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount", "scalingModifiers"}
+# The nats-jetstream scaler's metadata (KEDA's docs for KEDA_VERSION, "NATS JetStream"): required, then optional.
+NATS_JETSTREAM_REQUIRED = {"natsServerMonitoringEndpoint", "account", "stream", "consumer"}
+NATS_JETSTREAM_OPTIONAL = {"lagThreshold", "activationLagThreshold", "useHttps"}
+# KubeRay's AutoscalerOptions (ray.io/v1 as of KubeRay 1.1: apis/ray/v1/raycluster_types.go).
+KUBERAY_AUTOSCALER_OPTIONS = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+}
+KUBERAY_UPSCALING_MODES = {"Default", "Aggressive", "Conservative"}
+# Where KEDA's operator runs (its Helm chart installed as the README says: namespace keda, the chart's pod label).
+KEDA_OPERATOR = ({"app.kubernetes.io/name": "keda-operator"}, {"kubernetes.io/metadata.name": "keda"})
+
+
+def _scale_targets(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(autoscaler label, scaleTargetRef) of every ScaledObject and HorizontalPodAutoscaler."""
+    return [
+        (f"{o['kind']}/{o['metadata']['name']}", o["spec"]["scaleTargetRef"])
+        for o in objects
+        if o["kind"] in {"ScaledObject", "HorizontalPodAutoscaler"}
+    ]
+
+
+def _cpu(text: str) -> float:
+    return float(text[:-1]) / 1000 if str(text).endswith("m") else float(text)
+
+
+def _hpa_with(behavior: dict[str, Any]) -> dict[str, Any]:
+    """An autoscaling/v2 HPA holding `behavior`, to validate a ScaledObject's HPA behavior with the real schema."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "t"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "t"},
+            "maxReplicas": 2,
+            "behavior": behavior,
+        },
+    }
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_scaledobject_structure(name):
+    """Every ScaledObject has the fields KEDA's CRD requires and only fields it knows, targets a Deployment of the
+    render, and its HPA behavior validates strictly as autoscaling/v2's."""
+    objects = list(render(name))
+    for so in (o for o in objects if o["kind"] == "ScaledObject"):
+        where = f"ScaledObject/{so['metadata']['name']}"
+        assert so["apiVersion"] == "keda.sh/v1alpha1", where
+        spec = so["spec"]
+        assert set(spec) <= SCALEDOBJECT_SPEC, f"{where}: unknown fields {set(spec) - SCALEDOBJECT_SPEC}"
+        ref = spec["scaleTargetRef"]
+        assert set(ref) <= SCALEDOBJECT_TARGET and ref.get("name"), f"{where}: scaleTargetRef {ref}"
+        assert ref.get("kind", "Deployment") == "Deployment" and ref.get("apiVersion", "apps/v1") == "apps/v1", ref
+        the(objects, "Deployment", ref["name"])
+        for field in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount"):
+            assert isinstance(spec.get(field), int) and spec[field] >= 0, f"{where}: {field} = {spec.get(field)!r}"
+        assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"], f"{where}: min/max replicas"
+        assert set(spec.get("advanced", {})) <= SCALEDOBJECT_ADVANCED, spec["advanced"]
+        hpa_config = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+        assert set(hpa_config) <= {"name", "behavior"}, hpa_config
+        if "behavior" in hpa_config:
+            kubernetes_validate.validate(_hpa_with(hpa_config["behavior"]), K8S_VERSION, strict=True)
+        assert spec["triggers"], f"{where}: no trigger"
+        for trigger in spec["triggers"]:
+            assert set(trigger) <= SCALEDOBJECT_TRIGGER and trigger.get("type"), f"{where}: trigger {trigger}"
+            metadata = trigger.get("metadata", {})
+            # map[string]string in the CRD: a YAML number or boolean is rejected by the API server.
+            assert all(isinstance(v, str) for v in metadata.values()), (
+                f"{where}: non-string trigger metadata {metadata}"
+            )
+            if trigger["type"] == "nats-jetstream":
+                assert NATS_JETSTREAM_REQUIRED <= set(metadata), (
+                    f"{where}: missing {NATS_JETSTREAM_REQUIRED - set(metadata)}"
+                )
+                assert set(metadata) <= NATS_JETSTREAM_REQUIRED | NATS_JETSTREAM_OPTIONAL, metadata
+                for field in ("lagThreshold", "activationLagThreshold"):
+                    assert metadata.get(field, "0").isdigit(), f"{where}: {field} must be an integer"
+                assert int(metadata.get("lagThreshold", "10")) >= 1
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_autoscaled_deployments_do_not_pin_replicas(name):
+    """A Deployment an HPA (or KEDA's) scales has no `replicas`: each `kubectl apply` would reset the number the
+    autoscaler chose (the orchestrator's base says 2, the ray-executor's 1; the overlay removes both)."""
+    objects = list(render(name))
+    for who, ref in _scale_targets(objects):
+        deployment = the(objects, ref.get("kind", "Deployment"), ref["name"])
+        assert "replicas" not in deployment["spec"], f"{who} scales {ref['name']}, whose manifest pins replicas"
+
+
+def test_the_orchestrator_scales_on_its_plan_approval_consumers_lag(monkeypatch):
+    """KEDA's nats-jetstream trigger names what the code uses: the catalog's stream and durable consumer of the
+    orchestrator's plan approvals, NATS's global account, the nats Service's monitoring port (= nats.conf's
+    http_port) in the fleet's namespace; one replica's share of the lag is what it handles at once; KEDA's operator
+    may reach that port and nothing else of KEDA may."""
+    from services.common import events as ev
+
+    objects = list(render("overlays/autoscaling"))
+    (so,) = [
+        o for o in objects if o["kind"] == "ScaledObject" and o["spec"]["scaleTargetRef"]["name"] == "orchestrator"
+    ]
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    meta = trigger["metadata"]
+    approvals = [
+        c
+        for c in ev.CONSUMERS.values()
+        if c.service == ev.ORCHESTRATOR and "planning.plan.approved" in c.filter_subjects
+    ]
+    assert len(approvals) == 1, approvals
+    # A consumer name KEDA does not find makes it report the stream's last sequence as the lag: max replicas forever.
+    assert (meta["stream"], meta["consumer"]) == (str(approvals[0].stream), approvals[0].durable)
+    assert ev.EVENTS["planning.plan.approved"].stream == approvals[0].stream
+    # The monitoring endpoint: <service>.<namespace>.svc:<port>, resolved to the NATS pod's monitoring port.
+    host, _, port = meta["natsServerMonitoringEndpoint"].rpartition(":")
+    service, namespace, svc = host.split(".")
+    assert (namespace, svc) == (NAMESPACE, "svc"), host
+    nats_pod, container_port = resolve_target(objects, service, int(port))
+    nats_conf = (K8S / "base" / "nats.conf").read_text()
+    assert container_port == int(re.search(r"^http_port:\s*(\d+)", nats_conf, re.M)[1]), "not NATS's monitoring port"
+    # `$G` is the account of every client when the server defines none.
+    assert meta["account"] == "$G" and not re.search(r"^\s*accounts\s*[{:]", nats_conf, re.M)
+    assert meta.get("useHttps", "false") == "false", "nats.conf serves monitoring over plain http"
+    # One replica's target: APPROVAL_CONCURRENCY, the approvals it handles at once (the lag counts them too).
+    orchestrator = main_container(objects, "Deployment", "orchestrator")
+    settings = load_with_env(settings_class("orchestrator"), effective_env(orchestrator, objects), monkeypatch)
+    assert int(meta["lagThreshold"]) == settings.approval_concurrency
+    # Never below the base's replicas: no approval waits for a cold start, and a node drain leaves one consuming.
+    base_replicas = the(list(render("base")), "Deployment", "orchestrator")["spec"]["replicas"]
+    assert so["spec"]["minReplicaCount"] >= max(base_replicas, 1)
+    assert int(meta["activationLagThreshold"]) == 0
+    # Scale-down slower than scale-up: a replica removed mid-approval hands its approvals back.
+    behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"].get(
+        "stabilizationWindowSeconds", 0
+    )
+    # KEDA's operator reaches NATS's monitoring port; another pod of its namespace, or its name elsewhere, does not.
+    keda_pod, keda_namespace = KEDA_OPERATOR
+    assert ingress_allowed(objects, keda_pod, nats_pod, container_port, keda_namespace)
+    assert not ingress_allowed(
+        objects, {"app.kubernetes.io/name": "keda-admission-webhooks"}, nats_pod, 8222, keda_namespace
+    )
+    assert not ingress_allowed(objects, keda_pod, nats_pod, 8222, {"kubernetes.io/metadata.name": "other"})
+    assert not ingress_allowed(objects, keda_pod, nats_pod, 4222, keda_namespace), "KEDA needs only the monitoring port"
+    # In base, where nothing reads the lag, KEDA is not admitted.
+    base = list(render("base"))
+    assert not ingress_allowed(
+        base, keda_pod, labels_of(the(base, "StatefulSet", "nats")["spec"]["template"]), 8222, keda_namespace
+    )
+
+
+def test_the_ray_executor_scales_on_cpu_and_drains_before_it_stops(monkeypatch):
+    """An autoscaling/v2 HPA on CPU (the schema is checked by test_objects_are_valid_kubernetes) over a Deployment
+    whose every container requests CPU; a replica being removed finishes its deliberations (they live in its memory);
+    a new one waits for its actors within its startup probe; the Ray workers at their maximum hold every replica's
+    actor pool."""
+    from services.deliberation.domain import TaskConstraints
+    from services.orchestrator.adapters.ray_runner import RayExecutorRunner
+
+    objects = list(render("overlays/autoscaling"))
+    (hpa,) = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ray-executor"}
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert (
+        metric["resource"]["target"]["type"] == "Utilization"
+        and 50 <= metric["resource"]["target"]["averageUtilization"] <= 100
+    )
+    deployment = the(objects, "Deployment", "ray-executor")
+    template = deployment["spec"]["template"]
+    # Utilization is relative to requests: without a CPU request on every container the HPA has no ratio to compute.
+    assert all("cpu" in c.get("resources", {}).get("requests", {}) for c in template["spec"]["containers"])
+    assert 1 <= spec["minReplicas"] < spec["maxReplicas"]
+    behavior = spec["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > behavior["scaleUp"]["stabilizationWindowSeconds"]
+    assert all(p["value"] == 1 for p in behavior["scaleDown"]["policies"]), "one replica at a time (each drains)"
+    # The drain: as long as the orchestrator waits for a deliberation of the default deadline, within the grace period.
+    container = template["spec"]["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    margin = inspect.signature(RayExecutorRunner).parameters["margin_seconds"].default
+    assert int(command[1]) >= TaskConstraints().timeout_seconds + margin
+    assert template["spec"]["terminationGracePeriodSeconds"] > int(command[1])
+    # A new replica may wait for the Ray autoscaler to start a worker: longer than the default, within the startup probe.
+    env = effective_env(container, objects)
+    settings = load_with_env(settings_class("ray-executor"), env, monkeypatch)
+    startup = container["startupProbe"]
+    default = settings_class("ray-executor").model_fields["ray_start_timeout_seconds"].default
+    assert default < settings.ray_start_timeout_seconds < startup["periodSeconds"] * startup["failureThreshold"]
+    # Every replica's actor pool fits in the worker group at its maximum (else a replica's pool stays pending and it
+    # never starts). KubeRay gives a worker as many Ray CPUs as its container's CPU limit.
+    pools = spec["maxReplicas"] * settings.ray_agent_workers * settings.ray_num_cpus_per_worker
+    rc = the(objects, "RayCluster", "fleet-ray")
+    capacity = sum(
+        g["maxReplicas"]
+        * float(
+            g.get("rayStartParams", {}).get("num-cpus")
+            or _cpu(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        )
+        for g in rc["spec"]["workerGroupSpecs"]
+    )
+    assert pools <= capacity, (
+        f"{spec['maxReplicas']} ray-executors' pools need {pools} Ray CPUs, the workers have {capacity}"
+    )
+
+
+@pytest.mark.parametrize("name", FLEET_KUSTOMIZATIONS)
+def test_raycluster_autoscaler(name):
+    """With enableInTreeAutoscaling, autoscalerOptions has only KubeRay's fields; the autoscaler container KubeRay
+    builds from them (in the head pod, the head's image) is hardened and bounded like ours and validates strictly;
+    it alone holds an API token (the pod automounts none), mounted where Ray's KubeRay node provider reads it; it
+    reaches the head's GCS in its pod and the API server."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    objects = list(render(name))
+    for rc in (o for o in objects if o["kind"] == "RayCluster" and o["spec"].get("enableInTreeAutoscaling")):
+        options = rc["spec"]["autoscalerOptions"]
+        assert set(options) <= KUBERAY_AUTOSCALER_OPTIONS, set(options) - KUBERAY_AUTOSCALER_OPTIONS
+        assert options.get("upscalingMode", "Default") in KUBERAY_UPSCALING_MODES
+        assert isinstance(options.get("idleTimeoutSeconds", 60), int) and options.get("idleTimeoutSeconds", 60) > 0
+        head = rc["spec"]["headGroupSpec"]["template"]
+        autoscaler = {
+            "name": "autoscaler",
+            "image": options.get("image", head["spec"]["containers"][0]["image"]),
+            "imagePullPolicy": options.get("imagePullPolicy", "IfNotPresent"),
+            **{
+                k: options[k]
+                for k in ("resources", "securityContext", "volumeMounts", "env", "envFrom")
+                if k in options
+            },
+        }
+        with_autoscaler = {**head, "spec": {**head["spec"], "containers": [*head["spec"]["containers"], autoscaler]}}
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": with_autoscaler}
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+        # KubeRay's own default (500m/512Mi) when unset; ours are explicit, as for every container of the fleet.
+        res = options.get("resources", {})
+        assert all(k in res.get(part, {}) for part in ("requests", "limits") for k in ("cpu", "memory")), res
+        sc, pod_sc = options.get("securityContext", {}), head["spec"].get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged")
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc.get("capabilities", {}).get("add")
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True
+        # The token: only the autoscaler mounts it, where Ray reads token and ca.crt; no container gets one otherwise.
+        token_dir = posixpath.dirname(node_provider.IN_CLUSTER_TOKEN_PATH)
+        assert posixpath.dirname(node_provider.IN_CLUSTER_CA_CERT_PATH) == token_dir
+        volumes = {v["name"]: v for v in head["spec"].get("volumes", [])}
+        mounts = [m for m in options.get("volumeMounts", []) if m["mountPath"] == token_dir]
+        assert len(mounts) == 1 and mounts[0].get("readOnly"), options.get("volumeMounts")
+        assert all(m["name"] in volumes for m in options.get("volumeMounts", [])), "mount of a volume the pod lacks"
+        sources = volumes[mounts[0]["name"]]["projected"]["sources"]
+        files = {s["serviceAccountToken"]["path"] for s in sources if "serviceAccountToken" in s} | {
+            i["path"] for s in sources if "configMap" in s for i in s["configMap"]["items"]
+        }
+        assert {
+            posixpath.basename(node_provider.IN_CLUSTER_TOKEN_PATH),
+            posixpath.basename(node_provider.IN_CLUSTER_CA_CERT_PATH),
+        } <= files
+        assert all(s["configMap"]["name"] == "kube-root-ca.crt" for s in sources if "configMap" in s)
+        for label, t in pod_templates(rc):
+            assert t["spec"].get("automountServiceAccountToken") is False, label
+            assert "serviceAccountName" not in t["spec"], f"{label}: KubeRay sets the autoscaler's own ServiceAccount"
+            for c in containers(t):
+                assert not any(m["name"] == mounts[0]["name"] for m in c.get("volumeMounts", [])), (
+                    f"{label} {c['name']}"
+                )
+        # Its GCS is the head's own (pod IP, port 6379): the NetworkPolicy `ray` admits Ray pods on any port; and it
+        # calls the API server (the kubernetes Service's address, 443): no egress policy holds the Ray pods back.
+        head_labels = labels_of(head)
+        assert ingress_allowed(objects, head_labels, head_labels, 6379, None)
+        assert egress_allowed(objects, head_labels, 443, ip="10.96.0.1")
+    if name == "overlays/autoscaling":
+        assert the(objects, "RayCluster", "fleet-ray")["spec"].get("enableInTreeAutoscaling") is True
+
+
+def test_the_autoscaling_component_composes_with_the_cpu_overlay(tmp_path):
+    """overlays/cpu + components/autoscaling (the README's kustomization for a cluster without GPUs) renders each
+    object as one of the two makes it: the cpu overlay's where it differs from base, else overlays/autoscaling's."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is not installed"
+    rel = lambda p: os.path.relpath(K8S / p, tmp_path)  # noqa: E731 (kustomize refuses absolute paths)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel('overlays/cpu')}\ncomponents:\n  - {rel('components/autoscaling')}\n"
+    )
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    def by_key(objects: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    composed = by_key(d for d in yaml.safe_load_all(proc.stdout) if d)
+    base, cpu, autoscaling = (by_key(render(k)) for k in ("base", "overlays/cpu", "overlays/autoscaling"))
+    assert (
+        set(composed)
+        == set(autoscaling)
+        == set(cpu) | {("ScaledObject", "orchestrator"), ("HorizontalPodAutoscaler", "ray-executor")}
+    )
+    changed_by_cpu = {k for k in cpu if cpu[k] != base.get(k)}
+    assert changed_by_cpu and not changed_by_cpu & {k for k in autoscaling if autoscaling[k] != base.get(k)}
+    for key, obj in composed.items():
+        assert obj == (cpu[key] if key in changed_by_cpu else autoscaling[key]), key
+
+
+def test_readme_says_how_to_install_keda_and_check_the_autoscalers():
+    """The README's Autoscaling section pins the KEDA the ScaledObject is written for, installs it where the
+    NetworkPolicy expects its operator, applies the overlay and says how to see each autoscaler at work."""
+    section = re.search(r"^## Autoscaling\n(.*?)(?=^## )", _readme(), re.M | re.S)
+    assert section, "deploy/k8s/README.md has no `## Autoscaling` section"
+    text = section[1]
+    keda_namespace = KEDA_OPERATOR[1]["kubernetes.io/metadata.name"]
+    assert re.search(
+        rf"helm install keda kedacore/keda --namespace {keda_namespace} .*--version {re.escape(KEDA_VERSION)}\.\d+",
+        text,
+    )
+    assert "kubectl apply -k deploy/k8s/overlays/autoscaling" in text
+    for check in ("get scaledobject", "get hpa", "raycluster"):
+        assert check in text, f"the section does not say how to check: {check}"
+    comment = (K8S / "components" / "autoscaling" / "orchestrator-scaledobject.yaml").read_text()
+    assert f"KEDA {KEDA_VERSION}" in comment, "the ScaledObject names the KEDA version its fields follow"
