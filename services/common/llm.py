@@ -1,5 +1,6 @@
 """The vLLM adapter of the engine's LLM port: `VLLMClient` speaks vLLM's OpenAI-compatible chat API through the
-maintained `openai` client (its retries with Retry-After, SSE parsing and error bodies), over our own httpx client.
+maintained `openai` client (its retries with Retry-After, SSE parsing and error bodies), over our own httpx client
+on aiohttp's connection pool (httpx-aiohttp, the transport the openai client offers for many concurrent calls).
 
 The call types (`LLMRequest`, `LLMResponse`, `ContextWindow`, ...) are the port's, in services/deliberation/llm.py.
 `window()` tells the engine the served model's context window: the `context_window` setting (VLLM_CONTEXT_WINDOW)
@@ -15,12 +16,15 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 import openai
+from httpx_aiohttp import AiohttpTransport
 
 from services.common.errors import Unavailable
 from services.common.tokens import counter_for
@@ -38,6 +42,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("fleet.llm")
 
+MAX_CONNECTIONS = 512  # to one server, per client: beyond, calls wait for a connection (vLLM queues them anyway)
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 _ATTEMPT_HEADER = "x-stainless-retry-count"  # the openai client's count of the attempts before this one
 _RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"  # asks the client for the raw response (as with_raw_response does)
@@ -101,9 +106,34 @@ def _describe(exc: openai.APIConnectionError, timeout: float) -> str:
     return exc.message
 
 
+def _transport_error(exc: httpx.TransportError) -> httpx.TransportError:
+    """httpx-aiohttp (0.2) files every aiohttp connection error that is not a timeout under `ConnectTimeout`: a
+    refused connection would read "timed out after 120s" and a server gone mid-answer would look like a slow
+    connect. Those get the kind httpx itself gives them."""
+    cause = exc.__cause__
+    if (
+        not isinstance(exc, httpx.ConnectTimeout)
+        or not isinstance(cause, aiohttp.ClientConnectionError)
+        or isinstance(cause, aiohttp.ServerTimeoutError)  # a real timeout
+    ):
+        return exc
+    message = str(exc)
+    kind: type[httpx.TransportError] = httpx.ReadError
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        kind = httpx.ConnectError
+        if errno := cause.os_error.errno:  # aiohttp's own text is "Connect call failed", whatever the reason
+            message = f"{cause.host}:{cause.port}: {os.strerror(errno)}"
+    elif isinstance(cause, aiohttp.ServerDisconnectedError):
+        kind = httpx.RemoteProtocolError
+    mapped = kind(message)
+    mapped.__cause__ = cause
+    return mapped
+
+
 class _LoggedAttempts(httpx.AsyncBaseTransport):
     """Logs every attempt that failed with a status or transport error the openai client retries (the client
-    itself only logs at INFO, without the status, the server's message or our request id)."""
+    itself only logs at INFO, without the status, the server's message or our request id); gives aiohttp's
+    connection errors their httpx kind (`_transport_error`)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport, attempts: int) -> None:
         self.inner = inner
@@ -113,8 +143,11 @@ class _LoggedAttempts(httpx.AsyncBaseTransport):
         try:
             response = await self.inner.handle_async_request(request)
         except httpx.TransportError as exc:
-            self._log(request, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            raise
+            mapped = _transport_error(exc)
+            self._log(request, f"{type(mapped).__name__}: {mapped}" if str(mapped) else type(mapped).__name__)
+            if mapped is exc:
+                raise
+            raise mapped from exc.__cause__
         if response.status_code in RETRYABLE_STATUS:
             await response.aread()
             self._log(request, f"HTTP {response.status_code}: {response.content[:300].decode(errors='replace')}")
@@ -139,6 +172,10 @@ class _LoggedAttempts(httpx.AsyncBaseTransport):
 
 class VLLMClient:
     """vLLM's OpenAI-compatible chat API: `openai.AsyncOpenAI` over one reused `httpx.AsyncClient`.
+
+    The connections are aiohttp's (`AiohttpTransport`): hundreds of agent calls in flight to one server cost
+    ~1 ms of CPU each, where httpcore's pool, which re-scans every connection at each request's start and end,
+    cost ~5.5 (bench/bench_scale.py, issue 15). Tests pass their own `transport`.
 
     `base_url` is the server root (`VLLM_URL`, e.g. `http://vllm:8000`); the client adds `/v1`.
     A call makes at most `1 + max_retries` attempts: the openai client retries connection errors, timeouts, HTTP
@@ -167,12 +204,11 @@ class VLLMClient:
         self._window_asked = False
         self.timeout = timeout
         self.max_retries = max(0, max_retries)
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-        timeouts = httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        self._http = httpx.AsyncClient(
-            timeout=timeouts,
-            transport=_LoggedAttempts(transport or httpx.AsyncHTTPTransport(limits=limits), self.max_retries + 1),
-        )
+        timeouts = httpx.Timeout(timeout, connect=min(timeout, 10.0))  # waiting for a free connection: `timeout`
+        if transport is None:
+            # every connection kept alive for the next call: a council's calls come in bursts
+            transport = AiohttpTransport(limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=30.0))
+        self._http = httpx.AsyncClient(timeout=timeouts, transport=_LoggedAttempts(transport, self.max_retries + 1))
         self._openai = openai.AsyncOpenAI(
             base_url=f"{self.base_url}/v1",
             api_key=api_key or "EMPTY",  # vLLM started without --api-key ignores it

@@ -12,7 +12,6 @@ from services.common import auth
 from services.common import events as ev
 from services.common.bus import EventBus
 from services.common.grpc_server import GrpcServer
-from services.common.http_pool import ShardedTransport
 from services.common.lifecycle import serve
 from services.common.llm import VLLMClient
 from services.common.logging import correlation_id
@@ -104,7 +103,6 @@ async def start(settings: OrchestratorSettings, *, host: str = "0.0.0.0") -> Run
         timeout=settings.vllm_timeout_seconds,
         max_retries=settings.vllm_max_retries,
         context_window=settings.vllm_context_window,
-        transport=ShardedTransport(),  # hundreds of agent calls in flight (issue 15)
     )
 
     async def publish(payload: ev.Payload, cid: str, actor: str, event_id: str) -> None:
