@@ -42,6 +42,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("fleet.llm")
 
+KEEPALIVE_SECONDS = 4.0
 MAX_CONNECTIONS = 512  # to one server, per client: beyond, calls wait for a connection (vLLM queues them anyway)
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))  # what the openai client retries
 _ATTEMPT_HEADER = "x-stainless-retry-count"  # the openai client's count of the attempts before this one
@@ -206,8 +207,10 @@ class VLLMClient:
         self.max_retries = max(0, max_retries)
         timeouts = httpx.Timeout(timeout, connect=min(timeout, 10.0))  # waiting for a free connection: `timeout`
         if transport is None:
-            # every connection kept alive for the next call: a council's calls come in bursts
-            transport = AiohttpTransport(limits=httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=30.0))
+            # idle connections closed before the server closes them (uvicorn's and so vLLM's keep-alive: 5 s): one the
+            # server closes as it is picked for the next call fails that call's attempt ("Server disconnected")
+            limits = httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_SECONDS)
+            transport = AiohttpTransport(limits=limits)
         self._http = httpx.AsyncClient(timeout=timeouts, transport=_LoggedAttempts(transport, self.max_retries + 1))
         self._openai = openai.AsyncOpenAI(
             base_url=f"{self.base_url}/v1",

@@ -51,6 +51,22 @@ def test_every_domain_field_has_a_proto_field_and_back():
     walk(DeliberationResult, dpb.DeliberationResult.DESCRIPTOR)
 
 
+def test_a_domain_field_the_proto_lacks_fails_loudly(monkeypatch):
+    import services.deliberation.proto as proto
+
+    monkeypatch.setattr(proto, "dump", lambda r: dump(r) | {"mood": "cheerful"})
+    with pytest.raises(ValueError, match=r"fleet\.deliberation\.v1\.DeliberationResult has no field 'mood'"):
+        result_to_proto(filled(DeliberationResult))
+
+
+def test_a_value_of_the_wrong_type_fails_loudly(monkeypatch):
+    import services.deliberation.proto as proto
+
+    monkeypatch.setattr(proto, "dump", lambda r: dump(r) | {"deliberation_id": 7})
+    with pytest.raises(TypeError):
+        result_to_proto(filled(DeliberationResult))
+
+
 def test_a_pending_result_without_selection_or_end_round_trips():
     pending = dataclasses.replace(filled(DeliberationResult), selection=None, finished_at=None, results=())
     assert result_from_proto(result_to_proto(pending)) == pending
