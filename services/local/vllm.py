@@ -366,7 +366,11 @@ class VLLMServer(Component):
         return {"VLLM_URL": self.url, "VLLM_MODEL": self.model}
 
 
-def vllm_command(python: Path, model_path: Path, spec: ModelSpec, port: int, extra: Sequence[str] = ()) -> list[str]:
+def vllm_command(
+    python: Path, model_path: Path, spec: ModelSpec, port: int, extra: Sequence[str] = (), *, stats: bool = False
+) -> list[str]:
+    """`stats`: keep vLLM's statistics on (its /metrics counters: prefix cache, tokens, latencies; a log line every
+    10 s); off by default, as the local fleet runs it."""
     return [
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
@@ -376,7 +380,7 @@ def vllm_command(python: Path, model_path: Path, spec: ModelSpec, port: int, ext
         "--max-model-len", str(spec.max_model_len),
         "--enforce-eager",
         "--dtype", "float32",
-        "--disable-log-stats",
+        *(() if stats else ("--disable-log-stats",)),  # also empties /metrics of vLLM's own counters
         "--distributed-executor-backend", "uni",  # the worker in the engine's process (see SERVER_ENV)
         # vLLM 0.32 CPU: a seeded request (our agents send seeds) whose prefill is split into chunks crashes the
         # engine ("CPU Generator does not use offset"); whole prefills avoid it (prompts fit max-model-len).
@@ -414,12 +418,15 @@ def start_vllm(
     timeout: float = 300.0,
     group: ProcessGroup | None = None,
     die_with_parent: bool = True,
+    stats: bool = False,
 ) -> VLLMServer:
     """Start the vLLM OpenAI-compatible server for `model` on loopback; ready when GET /v1/models lists it.
 
     `env` adds to / overrides the server's environment (default `SERVER_ENV`: `VLLM_CPU_KVCACHE_SPACE=1`,
-    `VLLM_CPU_OMP_THREADS_BIND=0-1`, one process; offline). Raises `VLLMNotInstalled` (with the command to run) when setup was not done, and `ProcessStartError` (with
-    the log tail) when the server dies or is not ready within `timeout`. Stopped by PID (`.stop()`, or the group).
+    `VLLM_CPU_OMP_THREADS_BIND=0-1`, one process; offline). `stats=True` keeps vLLM's statistics, which fill
+    GET /metrics (bench/bench_prefix_cache.py reads the prefix cache's counters there). Raises `VLLMNotInstalled`
+    (with the command to run) when setup was not done, and `ProcessStartError` (with the log tail) when the server
+    dies or is not ready within `timeout`. Stopped by PID (`.stop()`, or the group).
     """
     root = Path(cache).expanduser().resolve() if cache is not None else None
     python, path = require_setup(model, root)
@@ -435,7 +442,7 @@ def start_vllm(
         child_env.update(env or {})
         process = ManagedProcess(
             name,
-            vllm_command(python, path, spec, p, extra_args),
+            vllm_command(python, path, spec, p, extra_args, stats=stats),
             log_dir=logs,
             env=child_env,
             cwd=logs,
