@@ -9,8 +9,10 @@ DeliberationResult` and is read into the domain's `DeliberationResult` by the co
 The orchestrator publishes the deliberation's lifecycle events itself (it knows the plan), so it tells the
 ray-executor not to (`caller_publishes_lifecycle` in ExecuteDeliberationRequest).
 
-Never a hang: the wait is bounded by the task's deadline plus a margin; a ray-executor that forgot the
-deliberation (restarted) or stays unreachable past that bound gives a FAILED result saying so.
+A ray-executor running as many deliberations as it may (RESOURCE_EXHAUSTED) is asked again until it takes this
+one, for up to the task's timeout. Never a hang: the wait is bounded by the task's deadline plus a margin; a
+ray-executor that forgot the deliberation (restarted), stays full or unreachable past those bounds gives a FAILED
+result saying so.
 """
 
 from __future__ import annotations
@@ -92,21 +94,40 @@ class RayExecutorRunner:
         try:
             async with channel(self.address, self.token) as rpc:
                 stub = ray_executor_pb2_grpc.RayExecutorServiceStub(rpc)
-                for attempt in range(1, self.ATTEMPTS + 1):  # idempotent on the deliberation id: safe to repeat
-                    try:
-                        await stub.ExecuteDeliberation(request, timeout=self.rpc_timeout, metadata=metadata)
-                        break
-                    except grpc.aio.AioRpcError as e:
-                        if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                            raise
-                        if attempt == self.ATTEMPTS:
-                            raise Unavailable(f"ray-executor at {self.address} unreachable: {e.details()}") from e
-                        await asyncio.sleep(0.5 * attempt)
+                refusal = await self._hand_over(stub, request, metadata, task.constraints.timeout_seconds)
+                if refusal:
+                    return self._failed(task, council, deliberation_id, refusal)
                 return await self._wait(stub, task, council, deliberation_id, wake, metadata)
         finally:
             if events is not None:
                 with contextlib.suppress(Exception):
                     await events.unsubscribe()
+
+    async def _hand_over(self, stub: Any, request: Any, metadata: Any, patience: float) -> str:
+        """ExecuteDeliberation until accepted (idempotent on the deliberation id: safe to repeat); "" when accepted,
+        else why not. A ray-executor that is unreachable gets ATTEMPTS tries; one that is full (RESOURCE_EXHAUSTED:
+        its MAX_ACTIVE_DELIBERATIONS are running) is asked again, backing off to 2 s, for up to the deliberation's
+        own timeout: a burst of deliberations queues here instead of failing (bench-scale, EXECUTOR=ray)."""
+        give_up = time.monotonic() + patience
+        unreachable, wait = 0, 0.1
+        while True:
+            try:
+                await stub.ExecuteDeliberation(request, timeout=self.rpc_timeout, metadata=metadata)
+                return ""
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    if time.monotonic() + wait > give_up:
+                        return f"full for {patience:g}s ({e.details()})"
+                    log.info("ray-executor full, %s waits %.1fs: %s", request.deliberation_id, wait, e.details())
+                    await asyncio.sleep(wait)
+                    wait = min(2.0, wait * 1.5)
+                    continue
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                unreachable += 1
+                if unreachable == self.ATTEMPTS:
+                    raise Unavailable(f"ray-executor at {self.address} unreachable: {e.details()}") from e
+                await asyncio.sleep(0.5 * unreachable)
 
     async def _wait(
         self, stub: Any, task: Task, council: Council, deliberation_id: str, wake: asyncio.Event, metadata: Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -444,6 +445,51 @@ async def test_fleet_serve_ray_executor(settings, ray_head, llm, tmp_path: Path)
             proc.kill()
             raise
     assert code == 0, log.read_text()[-3000:]
+
+
+async def test_a_full_ray_executor_makes_the_orchestrator_wait_for_a_slot_not_fail(
+    rx_settings, settings, llm, bus, ray_driver, caplog
+):
+    """A ray-executor that may run one deliberation at a time, two asked at once: the second is refused
+    (RESOURCE_EXHAUSTED) until the first ends, then taken; both complete (it used to end FAILED, "crashed")."""
+    from services.orchestrator.main import start
+    from services.orchestrator.settings import OrchestratorSettings
+    from services.ray_executor.main import start as start_ray_executor
+
+    caplog.set_level(logging.INFO, logger="fleet.orchestrator.ray")
+    await llm.acontrol(delay_ms=300)
+    ray_executor = await start_ray_executor(rx_settings.model_copy(update={"max_active_deliberations": 1}))
+    orchestrator = await start(
+        OrchestratorSettings(
+            **settings.model_dump(),
+            grpc_port=0,
+            executor="ray",
+            ray_executor_address=f"127.0.0.1:{ray_executor.port}",
+        ),
+        host="127.0.0.1",
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{orchestrator.port}") as ch:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(ch)
+            await stub.CreateCouncil(opb.CreateCouncilRequest(role="QA", num_agents=2))
+
+            async def deliberate(task_id: str) -> Any:
+                request = opb.DeliberateRequest(
+                    task_id=task_id,
+                    task_description="Test the ISO date parser.",
+                    role="QA",
+                    constraints=dpb.Constraints(rounds=0, timeout_seconds=60),
+                )
+                return (await stub.Deliberate(request, timeout=120)).result
+
+            first, second = await asyncio.gather(deliberate("T-full-1"), deliberate("T-full-2"))
+    finally:
+        await orchestrator.stop(0.5)
+        await ray_executor.stop(0.5)
+    assert [first.status, second.status] == [COMPLETED, COMPLETED], (first.error_message, second.error_message)
+    assert ray_executor.app.stats().completed == 2
+    waited = {r.getMessage().split()[2] for r in caplog.records if r.getMessage().startswith("ray-executor full, ")}
+    assert waited and waited <= {first.deliberation_id, second.deliberation_id}, waited  # one waited for the other
 
 
 async def test_orchestrator_fails_the_deliberation_when_the_ray_executor_is_unreachable(settings, bus):
