@@ -236,6 +236,7 @@ async def run(args: argparse.Namespace) -> None:
                         vllm_url=llm.url,
                         vllm_model="bench",
                         log_level="WARNING",
+                        max_active_deliberations=max(64, *args.sizes),  # the executor's cost, not its cap
                     ),
                     host="127.0.0.1",
                 )
