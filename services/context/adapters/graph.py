@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -58,6 +58,8 @@ class GraphError(FleetError):
 
 
 NODE_LABELS = ("Story", "Plan", "Task", "Decision", "Deliberation", "Proposal")
+# Rounds of writing a supersession chain while replicas add to it at the same moment (see `_settled`).
+SETTLE_ROUNDS = 8
 
 
 _ROLES = {r.value: r for r in Role}
@@ -422,15 +424,47 @@ class GraphStore:
         )
 
     async def _relink_plans(self, sid: str) -> None:
-        rows = await self.run("MATCH (p:Plan {story_id: $sid}) RETURN p.id, p.approved_at", sid=sid)
-        want = set(plan_chain(Plan(pid, approved_at=int(at or 0)) for pid, at in rows))
-        have = {
-            (a, b)
-            for a, b in await self.run(
-                "MATCH (a:Plan {story_id: $sid})-[:SUPERSEDES]->(b:Plan) RETURN a.id, b.id", sid=sid
-            )
-        }
-        await self._set_edges(sid, "Plan", have - want, want - have)
+        """SUPERSEDES edges of the story's plans: each supersedes the one approved just before it."""
+
+        async def chain(rows: list[list[Any]]) -> None:
+            want = set(plan_chain(Plan(pid, approved_at=int(at or 0)) for pid, at in rows))
+            have = {
+                (a, b)
+                for a, b in await self.run(
+                    "MATCH (a:Plan {story_id: $sid})-[:SUPERSEDES]->(b:Plan) RETURN a.id, b.id", sid=sid
+                )
+            }
+            await self._set_edges(sid, "Plan", have - want, want - have)
+
+        await self._settled(
+            f"the plans of story {sid}",
+            lambda: self.run("MATCH (p:Plan {story_id: $sid}) RETURN p.id, p.approved_at", sid=sid),
+            chain,
+        )
+
+    async def _settled(
+        self,
+        what: str,
+        read: Callable[[], Awaitable[list[list[Any]]]],
+        chain: Callable[[list[list[Any]]], Awaitable[None]],
+    ) -> None:
+        """Write a chain (`chain`) computed from the members `read` answers (rows of id, time, ...), then read them
+        again, until they are what the chain was computed from.
+
+        Replicas record one story's plans, or one task's deliberations, at the same moment, each computing the chain
+        from what it read: one that read before another's member existed wrote a chain no longer right (an edge
+        newest -> oldest too many; found by tests/integration/context/test_replicas.py). With the second read,
+        whoever writes last has seen every member, and a wrong edge it did not see is removed by the one that wrote
+        it, on its next round."""
+        computed_from: frozenset[tuple[Any, Any]] | None = None
+        for _ in range(SETTLE_ROUNDS):
+            rows = await read()
+            members = frozenset((r[0], r[1]) for r in rows)
+            if members == computed_from:
+                return
+            await chain(rows)
+            computed_from = members
+        raise Unavailable(f"{what} kept changing while their supersession chain was written")
 
     async def _set_edges(
         self, sid: str, label: str, remove: set[tuple[str, str]], add: set[tuple[str, str]], rel: str = "SUPERSEDES"
@@ -501,14 +535,22 @@ class GraphStore:
         return bool(rows and rows[0][0])
 
     async def _supersede(self, sid: str, task_id: str, role: Role) -> None:
-        rows = await self.run(
-            "MATCH (d:Decision {story_id: $sid}) WHERE d.task_id = $tid AND d.role = $role AND d.status <> 'REJECTED' "
-            "RETURN d.id, d.decided_at, d.status",
-            sid=sid,
-            tid=task_id,
-            role=str(role),
+        """Statuses and SUPERSEDES edges of the decisions of one (task, role): the newest stays ACCEPTED."""
+        await self._settled(
+            f"the decisions of task {task_id} ({role})",
+            lambda: self.run(
+                "MATCH (d:Decision {story_id: $sid}) WHERE d.task_id = $tid AND d.role = $role "
+                "AND d.status <> 'REJECTED' RETURN d.id, d.decided_at, d.status",
+                sid=sid,
+                tid=task_id,
+                role=str(role),
+            ),
+            lambda rows: self._chain_decisions(
+                sid, [Decision(did, "", decided_at=int(at or 0), status=_decision_status(st)) for did, at, st in rows]
+            ),
         )
-        group = [Decision(did, "", decided_at=int(at or 0), status=_decision_status(st)) for did, at, st in rows]
+
+    async def _chain_decisions(self, sid: str, group: list[Decision]) -> None:
         statuses, edges = supersession(group)
         changed = [[d.decision_id, statuses[d.decision_id]] for d in group if d.status != statuses[d.decision_id]]
         if changed:
