@@ -90,9 +90,9 @@ llm: $(STAMP) ## Install vLLM (CPU) in its own venv and build the local models (
 CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
 IMAGES ?=
 IMAGE_TEST_ARGS ?=
-container-tools base-image images test-images: export CONTAINER_ENGINE := $(CONTAINER_ENGINE)
-container-tools base-image images test-images: export CONTAINERS_CONF := $(or $(CONTAINERS_CONF),$(CURDIR)/deploy/podman/containers.conf)
-container-tools base-image images test-images: export CONTAINERS_STORAGE_CONF := $(or $(CONTAINERS_STORAGE_CONF),$(CURDIR)/deploy/podman/storage.conf)
+container-tools base-image images test-images kube-play: export CONTAINER_ENGINE := $(CONTAINER_ENGINE)
+container-tools base-image images test-images kube-play: export CONTAINERS_CONF := $(or $(CONTAINERS_CONF),$(CURDIR)/deploy/podman/containers.conf)
+container-tools base-image images test-images kube-play: export CONTAINERS_STORAGE_CONF := $(or $(CONTAINERS_STORAGE_CONF),$(CURDIR)/deploy/podman/storage.conf)
 
 container-tools:
 	@[ "$(notdir $(CONTAINER_ENGINE))" != podman ] || ./scripts/install_container_tools.sh
@@ -103,8 +103,11 @@ base-image: container-tools ## The images' base python:3.11-slim-bookworm, built
 images: container-tools $(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),base-image) ## Build the container images (deploy/docker/*.Dockerfile; docker or podman; IMAGES="a b" for some, VLLM_CPU=1 adds vllm-cpu)
 	./deploy/docker/build.sh $(IMAGES)
 
-test-images: $(STAMP) images ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health
-	$(BIN)/pytest tests/images -m "$(if $(filter 1,$(VLLM_CPU)),images,images and not vllm_cpu)" -p no:cacheprovider $(IMAGE_TEST_ARGS)
+test-images: $(STAMP) images ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health; with podman also the kube-play run (+2 min)
+	$(BIN)/pytest tests/images -m "$(if $(filter 1,$(VLLM_CPU)),images,images and not vllm_cpu)$(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),, and not kube_play)" -p no:cacheprovider $(IMAGE_TEST_ARGS)
+
+kube-play: $(STAMP) images ## Run the CPU overlay with podman kube play (host NATS/Valkey/FalkorDB/LLM stand-ins), then the e2e Job's pod against it; removes everything after (~2 min)
+	$(PY) scripts/kube_play.py $(KUBE_PLAY_ARGS)
 
 clean: ## Remove caches and local run state (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .fleet build *.egg-info test-artifacts
@@ -113,4 +116,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images base-image test-images container-tools
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images base-image test-images kube-play container-tools

@@ -169,6 +169,7 @@ def start_nats(
     monitor_port: int | None = None,
     *,
     sync_always: bool = False,
+    host: str = HOST,
     name: str = "nats",
     timeout: float = 20.0,
     group: ProcessGroup | None = None,
@@ -177,22 +178,22 @@ def start_nats(
     """NATS with JetStream (store in `data_dir`); ready when /healthz?js-enabled-only=true answers 200.
 
     `sync_always` fsyncs every JetStream write before the ack (config `jetstream { sync_interval: always }`);
-    by default NATS fsyncs every 2 minutes.
+    by default NATS fsyncs every 2 minutes. `host`: the address it listens on (client and monitoring ports).
     """
     data, logs = _dirs(data_dir, log_dir)
     binary = nats_server_binary()
 
     def plan() -> Plan:
-        p = port or free_port(HOST)
-        m = monitor_port or free_port(HOST)
-        argv = [binary, "-a", HOST, "-p", str(p), "-js", "-sd", str(data), "-m", str(m)]
+        p = port or free_port(host)
+        m = monitor_port or free_port(host)
+        argv = [binary, "-a", host, "-p", str(p), "-js", "-sd", str(data), "-m", str(m)]
         if sync_always:
             conf = data / "nats.conf"
             conf.write_text("# written by services.local.infra\njetstream {\n  sync_interval: always\n}\n")
             argv += ["-c", str(conf)]
         process = ManagedProcess(name, argv, log_dir=logs, cwd=data, die_with_parent=die_with_parent)
-        check = http_ok(f"http://{HOST}:{m}/healthz?js-enabled-only=true")
-        urls = {"client": f"nats://{HOST}:{p}", "monitor": f"http://{HOST}:{m}"}
+        check = http_ok(f"http://{host}:{m}/healthz?js-enabled-only=true")
+        urls = {"client": f"nats://{host}:{p}", "monitor": f"http://{host}:{m}"}
         return process, check, urls["client"], urls, {"client": p, "monitor": m}
 
     return launch(plan, auto_ports=port is None or monitor_port is None, timeout=timeout, group=group)
@@ -201,11 +202,13 @@ def start_nats(
 # --- Valkey ---------------------------------------------------------------------------------------------------
 
 
-def _redis_args(port: int, data: Path, log_file: Path) -> list[str]:
-    # Absolute --dir and --logfile: a relative logfile after --dir makes the server exit silently.
+def _redis_args(port: int, data: Path, log_file: Path, host: str = HOST) -> list[str]:
+    # Absolute --dir and --logfile: a relative logfile after --dir makes the server exit silently. Protected mode
+    # (no password: loopback clients only) stays on for loopback; another address is chosen to be reached.
+    protected = "yes" if host == HOST else "no"
     return [
-        "--bind", HOST, "--port", str(port), "--dir", str(data), "--logfile", str(log_file),
-        "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+        "--bind", host, "--port", str(port), "--dir", str(data), "--logfile", str(log_file),
+        "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", protected,
     ]  # fmt: skip
 
 
@@ -214,26 +217,27 @@ def start_valkey(
     log_dir: str | os.PathLike[str],
     port: int | None = None,
     *,
+    host: str = HOST,
     name: str = "valkey",
     timeout: float = 20.0,
     group: ProcessGroup | None = None,
     die_with_parent: bool = True,
 ) -> Component:
-    """Valkey without persistence; ready when PING answers +PONG."""
+    """Valkey without persistence, listening on `host`; ready when PING answers +PONG."""
     data, logs = _dirs(data_dir, log_dir)
     binary = valkey_server_binary()
 
     def plan() -> Plan:
-        p = port or free_port(HOST)
+        p = port or free_port(host)
         process = ManagedProcess(
             name,
-            [binary, *_redis_args(p, data, logs / f"{name}.log")],
+            [binary, *_redis_args(p, data, logs / f"{name}.log", host)],
             log_dir=logs,
             cwd=data,
             die_with_parent=die_with_parent,
         )
-        url = f"redis://{HOST}:{p}/0"
-        return process, resp_ping(p, HOST), url, {"client": url}, {"client": p}
+        url = f"redis://{host}:{p}/0"
+        return process, resp_ping(p, host), url, {"client": url}, {"client": p}
 
     return launch(plan, auto_ports=port is None, timeout=timeout, group=group)
 
@@ -276,6 +280,7 @@ def start_falkordb(
     port: int | None = None,
     bolt_port: int | None = None,
     *,
+    host: str = HOST,
     name: str = "falkordb",
     timeout: float = 20.0,
     group: ProcessGroup | None = None,
@@ -285,6 +290,7 @@ def start_falkordb(
     `RETURN 1` over Bolt. `address` is the Bolt URI (what the services use); `urls` has `bolt` and `redis`.
 
     The Bolt listener binds all interfaces (FalkorDB has no option to restrict it); the redis port is loopback.
+    `host`: the address in the Bolt URI and its ready check (the redis port stays on loopback).
     """
     if bolt_port is not None and not 0 < bolt_port <= MAX_BOLT_PORT:  # common/falkordb.py, point 6
         raise ValueError(f"FalkorDB silently disables Bolt on ports above {MAX_BOLT_PORT}: bolt_port={bolt_port}")
@@ -296,8 +302,8 @@ def start_falkordb(
         b = bolt_port or free_port_in(20000, MAX_BOLT_PORT + 1, HOST)
         argv = [server, *_redis_args(p, data, logs / f"{name}.log"), "--loadmodule", module, "BOLT_PORT", str(b)]
         process = ManagedProcess(name, argv, log_dir=logs, cwd=data, die_with_parent=die_with_parent)
-        bolt = f"bolt://{HOST}:{b}"
-        check = all_of(resp_ping(p, HOST), tcp_accepts(b, HOST), bolt_answers(bolt))
+        bolt = f"bolt://{host}:{b}"
+        check = all_of(resp_ping(p, HOST), tcp_accepts(b, host), bolt_answers(bolt))
         urls = {"bolt": bolt, "redis": f"redis://{HOST}:{p}/0"}
         return process, check, bolt, urls, {"redis": p, "bolt": b}
 
