@@ -173,22 +173,30 @@ class EventBus:
     ) -> None:
         free = concurrency  # handler slots not in use
         freed = asyncio.Event()
-        running: set[asyncio.Task[None]] = set()
+        inbox: asyncio.Queue[Msg] = asyncio.Queue()
         in_hand: dict[int, tuple[Msg, str]] = {}  # id(msg) -> (msg, event_id), while its handler runs
         keeper = asyncio.create_task(self._keep_alive(spec, in_hand), name=f"keep-alive:{spec.durable}")
 
-        def done(t: asyncio.Task[None]) -> None:
+        async def work() -> None:
+            """One of `concurrency` long-lived handler tasks (not a task per message: bench-bus consume)."""
             nonlocal free
-            running.discard(t)
-            free += 1
-            freed.set()
+            while True:
+                msg = await inbox.get()
+                try:
+                    await self._handle(spec, msg, handler, in_hand)
+                except Exception as e:  # acking or dead-lettering failed: JetStream redelivers after ack_wait
+                    log.warning("handling a message of %s failed: %s: %s", spec.durable, type(e).__name__, e)
+                finally:
+                    free += 1
+                    freed.set()
 
+        workers = [asyncio.create_task(work(), name=f"handler:{spec.durable}") for _ in range(concurrency)]
         try:
             while not stopping.is_set():
                 while free == 0:  # wait for a free handler slot
                     freed.clear()
                     await freed.wait()
-                if running and free < concurrency // 2:
+                if free < concurrency // 2:
                     # Handlers are finishing: let the ones finishing now free their slots too, so that one fetch
                     # takes many messages (fetching at the first free slot made a fetch per message of a fast
                     # consumer's backlog: bench-bus consume). A slow handler's next message waits ~1 ms more.
@@ -205,21 +213,22 @@ class EventBus:
                         await asyncio.sleep(1.0)
                 free += taken - len(msgs)
                 for msg in msgs:
-                    t = asyncio.create_task(self._handle(spec, msg, handler, in_hand))
-                    running.add(t)
-                    t.add_done_callback(done)
+                    inbox.put_nowait(msg)
         finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-            keeper.cancel()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            try:
+                while free < concurrency:  # the messages in hand are finished, not dropped
+                    freed.clear()
+                    await freed.wait()
+            finally:  # also when cancelled meanwhile: the handlers go with the consumer
+                for w in workers:
+                    w.cancel()
+                keeper.cancel()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def _handle(
         self, spec: ConsumerSpec, msg: Msg, handler: Handler, in_hand: dict[int, tuple[Msg, str]]
     ) -> None:
-        meta = msg.metadata
-        deliveries = meta.num_delivered
         try:
             event = parse_event(msg.data, msg.subject)
         except InvalidEvent as e:
@@ -248,6 +257,7 @@ class EventBus:
         except Exception as e:
             if self.seen is not None:
                 await self.seen.release(spec.durable, event.event_id)
+            deliveries = msg.metadata.num_delivered  # parsed from the reply subject: only when needed
             if deliveries >= self.settings.consumer_max_deliver:
                 log.error("%s %s failed on its last delivery (%d): %r", event.event_type, event.event_id, deliveries, e)
                 await self.dead_letter(
