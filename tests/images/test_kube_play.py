@@ -8,6 +8,7 @@ deploy/k8s/README.md ("Run the manifests with podman kube play").
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -35,5 +36,9 @@ def test_the_cpu_overlay_under_podman_kube_play_passes_the_e2e_job(engine: Engin
     lines = output.splitlines()
     assert process.returncode == 0, f"scripts/kube_play.py exit {process.returncode}\n" + "\n".join(lines[-150:])
     summary = [line for line in lines if " passed" in line and line.startswith("=")]
-    assert summary and "failed" not in summary[-1], "\n".join(lines[-150:])
+    assert summary and not re.search(r"failed|error", summary[-1]), "\n".join(lines[-150:])
+    # The e2e tests that need no local control of the fleet (the fault and scripted-LLM ones skip on an external
+    # fleet, saying so): all of them ran, not merely none failed.
+    passed = int(re.search(r"(\d+) passed", summary[-1]).group(1))
+    assert passed >= 4, summary[-1]
     print("\n".join(lines))
