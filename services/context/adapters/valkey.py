@@ -6,6 +6,7 @@ Keys (prefix `fleet:ctx:`; the story id in braces keeps a story's keys in one cl
   {story}:gen          generation counter, bumped by every write that affects the story's context
   {story}:cache        hash "<role>|<phase>|<subtask>|<budget>" -> {"gen": n, "ctx": RenderedContext JSON}
   {story}:version      the story version last announced with context.updated
+  {story}:announcing   held (with a lease) by the replica announcing the story's version: one at a time
 
 Invalidation: `invalidate()` bumps the generation and deletes the cache hash in one transaction. A reader that
 computed from the graph before a write finished stores its entry under the generation it read first, so the
@@ -14,11 +15,16 @@ entry is never served (its generation is old): no stale context survives a write
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import valkey.asyncio as valkey_async
 
+from services.common.errors import Unavailable
 from services.common.valkey import unavailable_on_errors
 from services.context.domain import Milestone, Summary
 from services.context.rendering import RenderedContext
@@ -31,6 +37,15 @@ local cur = redis.call('HGET', KEYS[1], 'at')
 if (not cur) or tonumber(cur) <= tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'at', ARGV[1], 'text', ARGV[2])
   return 1
+end
+return 0
+"""
+
+
+# Drop the announcement lock only if this holder still has it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -111,3 +126,30 @@ class ContextState:
     @unavailable_on_errors
     async def set_announced_version(self, story_id: str, version: str) -> None:
         await self.r.set(_key(story_id, "version"), version)
+
+    @contextlib.asynccontextmanager
+    async def announcing(
+        self, story_id: str, lease_seconds: float = 5.0, wait_seconds: float = 30.0
+    ) -> AsyncIterator[None]:
+        """Hold the story's announcement lock (one replica at a time). A holder that dies leaves it for
+        `lease_seconds` (one slower than that, e.g. on a stalled graph, may be overtaken: the order of the story's
+        announcements is then not guaranteed, nothing else is lost); Unavailable after waiting `wait_seconds`."""
+        key, token = _key(story_id, "announcing"), uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while not await self._take(key, token, lease_seconds):
+            if loop.time() > deadline:
+                raise Unavailable(f"story {story_id} is being announced elsewhere for over {wait_seconds:.0f}s")
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            await self._release(key, token)
+
+    @unavailable_on_errors
+    async def _take(self, key: str, token: str, lease_seconds: float) -> bool:
+        return bool(await self.r.set(key, token, nx=True, px=int(lease_seconds * 1000)))
+
+    @unavailable_on_errors
+    async def _release(self, key: str, token: str) -> None:
+        await self.r.eval(_RELEASE, 1, key, token)
