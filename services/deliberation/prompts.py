@@ -1,9 +1,13 @@
 """Prompts, the bounded JSON schemas of the machine-read answers, and their tolerant parsers.
 
 Every call of a deliberation starts with the same system message (role, task, its tests, the code it builds on,
-requirements, context), so vLLM's prefix cache serves it to the whole council and to the architect; what is
-specific to one agent and one phase (material to read, what the checks found, the rubric, persona, instruction)
-comes last, in the user message. Written for small models: short, code-first, one deliverable per answer.
+requirements, context), so vLLM's prefix cache serves it to the whole council and to the architect. The user
+message goes from shared to specific: the task first (every call); in the phases that read the council's work
+(CRITIQUE, SCORE, SELECT) then the rubric (shared by all three) and, in CRITIQUE and SCORE, the phase's
+instructions (shared by its three calls, `_brief`); then the material one call reads (a proposal, what the checks
+found, the candidates); the agent's id and persona last (SELECT, one call, keeps its instructions at the very end). REVISE replays its author's own GENERATE turn, whose KV the cache still holds. Measured with the real
+vLLM in bench/bench_prefix_cache.py (results/prefix_cache.md). Written for small models: short, code-first, one
+deliverable per answer.
 
 Every prompt fits the served model's context window (`fit_prompt`, when the engine knows the window): the
 material it carries (the context, proposals, what the checks found, a critique) is cut to its head, longest
@@ -185,6 +189,20 @@ def _rubric(rubric: Sequence[Criterion]) -> str:
     return "\n".join(f"- {k}: {c.description or c.name}" for k, c in zip(keys, rubric, strict=True))
 
 
+JSON_ONLY = "Answer with the JSON object only."
+
+
+def _head(task: Task) -> str:
+    """How a reading phase's user message opens: the task and the rubric, the same in CRITIQUE, SCORE and SELECT."""
+    return f"{task_block(task)}\n\n## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
+
+
+def _brief(task: Task, instructions: str) -> str:
+    """`_head` and the phase's instructions (the same for all its calls), ahead of the material and the agent, so
+    the cache serves all of it to every call of the phase (bench/bench_prefix_cache.py)."""
+    return f"{_head(task)}{instructions} {JSON_ONLY}"
+
+
 def critique_messages(
     system: str,
     task: Task,
@@ -196,15 +214,18 @@ def critique_messages(
 ) -> tuple[ChatMessage, ...]:
     """`findings` replaces `checks_summary(checks)` (trimmed to fit the model's window)."""
     findings = checks_summary(checks) if findings is None else findings
-    user = (
-        f"{task_block(task)}\n\n## Proposal under review (written by a peer)\n{content.strip()}\n\n"
-        f"## What the checks found (the code was run against the tests)\n{findings}\n\n"
-        f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
-        f"{_you(critic, 'reviewing this proposal')}\n"
+    brief = _brief(
+        task,
+        "Review the proposal below, written by a peer. "
         "verdict: 'accept' if it can ship as it is, 'revise' otherwise (always 'revise' when a check failed). "
         f"summary: one or two sentences (at most {SUMMARY_MAX} characters). issues: at most {ISSUES_MAX} concrete "
         f"problems, most important first, each at most {ISSUE_MAX} characters (a failing test: say what the code "
-        "must do instead). Answer with the JSON object only."
+        "must do instead).",
+    )
+    user = (
+        f"{brief}\n\n## Proposal under review (written by a peer)\n{content.strip()}\n\n"
+        f"## What the checks found (the code was run against the tests)\n{findings}\n\n"
+        f"{_you(critic, 'reviewing this proposal')}\n{JSON_ONLY}"
     )
     return (ChatMessage("system", system), ChatMessage("user", user))
 
@@ -249,17 +270,16 @@ def score_messages(
     system: str, task: Task, voter: AgentSpec, candidates: Sequence[tuple[str, str]]
 ) -> tuple[ChatMessage, ...]:
     """`candidates`: (label, content) in the order this voter sees them."""
-    rubric = task.constraints.rubric
     shown = "\n\n".join(f"## Candidate {label}\n{content.strip()}" for label, content in candidates)
-    keys = ", ".join(criterion_keys(rubric))
-    user = (
-        f"{task_block(task)}\n\n{shown}\n\n## Rubric\n{_rubric(rubric)}\n\n"
-        f"{_you(voter, 'scoring proposals written by your peers')}\n"
-        f"Score every candidate ({', '.join(label for label, _ in candidates)}) on each rubric criterion ({keys}) "
-        f"with an integer from {SCORE_MIN} (poor) to {SCORE_MAX} (excellent), judging the content only; the "
-        f"labels and the order mean nothing. Give each a reason of at most {REASON_MAX} characters. "
-        "Answer with the JSON object only."
+    keys = ", ".join(criterion_keys(task.constraints.rubric))
+    brief = _brief(
+        task,
+        f"Score every candidate below ({', '.join(label for label, _ in candidates)}), each written by a peer, on "
+        f"each rubric criterion ({keys}) with an integer from {SCORE_MIN} (poor) to {SCORE_MAX} (excellent), "
+        "judging the content only; the labels and the order mean nothing. Give each a reason of at most "
+        f"{REASON_MAX} characters.",
     )
+    user = f"{brief}\n\n{shown}\n\n{_you(voter, 'scoring proposals written by your peers')}\n{JSON_ONLY}"
     return (ChatMessage("system", system), ChatMessage("user", user))
 
 
@@ -284,13 +304,12 @@ def select_messages(
             f"## Candidate {f.label} (combined score {f.score:.2f}/10, peer score {f.peer_score:.2f}, "
             f"checks {f.checks_passed}/{f.checks_applicable} passed{failed})\n{f.content.strip()}"
         )
+    # One call: its instructions stay last, where a small model follows them best (no other call would share them).
     user = (
-        f"{task_block(task)}\n\nThe council's finalists, best scored first:\n\n" + "\n\n".join(parts) + "\n\n"
-        f"## Rubric\n{_rubric(task.constraints.rubric)}\n\n"
+        f"{_head(task)}The council's finalists, best scored first:\n\n" + "\n\n".join(parts) + "\n\n"
         f"{_you(architect, 'the ARCHITECT who decides this deliberation')}\n"
         "Pick the candidate that best solves the task under the rubric and the requirements; the scores advise, "
-        f"you decide. winner: the candidate's label. rationale: why, at most {RATIONALE_MAX} characters. "
-        "Answer with the JSON object only."
+        f"you decide. winner: the candidate's label. rationale: why, at most {RATIONALE_MAX} characters. {JSON_ONLY}"
     )
     return (ChatMessage("system", system), ChatMessage("user", user))
 
