@@ -76,6 +76,9 @@ bench-prompts: llm ## Council GENERATE prompt vs a plain prompt on SmolLM2-135M 
 bench-quality: llm ## Does the council beat one agent? fleet eval, 4 modes at equal budget, HumanEval's first 35 on SmolLM2-135M (real vLLM, ~40 min)
 	$(PY) -m bench.bench_quality --limit 35 --max-tokens 384 --concurrency 4 --seed 0
 
+bench-prefix-cache: llm ## Share of a deliberation's prompt tokens served by vLLM's prefix cache (real vLLM, its /metrics; ~15 min; COMPARE=<commit>: that commit's prompt layout side by side)
+	$(PY) -m bench.bench_prefix_cache $(if $(COMPARE),--compare $(COMPARE))
+
 serve-%: $(STAMP) ## Start one service in the foreground (serve-orchestrator, serve-monitoring, ...)
 	$(BIN)/fleet serve $*
 
@@ -116,4 +119,4 @@ clean: ## Remove caches and local run state (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality infra llm clean distclean images base-image test-images kube-play container-tools
+.PHONY: help demo setup protos events contracts-check lint test test-unit bench-bus bench-deliberation bench-context bench-ray bench-sandbox bench-prompts bench-quality bench-prefix-cache infra llm clean distclean images base-image test-images kube-play container-tools
