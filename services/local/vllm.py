@@ -94,12 +94,12 @@ OFFLINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
 }
-# One process instead of three (API server, engine core, worker): with VLLM_ENABLE_V1_MULTIPROCESSING=0 and
-# `--distributed-executor-backend uni` (vllm_command) the engine and its one worker run in the server's process.
-# Measured on this 2-core machine (smollm2-135m, shared with a CI run, alternating): ready in 17-20 s instead of
-# 27-46 s; three concurrent 192-token answers at 57 tokens/s instead of 40, streamed at 90 instead of 78 (no
-# inter-process hops per step).
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# Two processes instead of three: `--distributed-executor-backend uni` (vllm_command) runs the model's one worker
+# inside the engine core's process. (The API server always runs the engine core in a process of its own:
+# VLLM_ENABLE_V1_MULTIPROCESSING only concerns vLLM's offline engine, so it is not set.) Measured on this 2-core
+# machine (smollm2-135m, shared with a CI run, alternating): ready in 17-20 s instead of 27-46 s; three concurrent
+# 192-token answers at 57 tokens/s instead of 40, streamed at 90 instead of 78 (one inter-process hop less per step).
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 
 
 class VLLMNotInstalled(RuntimeError):
@@ -423,7 +423,7 @@ def start_vllm(
     """Start the vLLM OpenAI-compatible server for `model` on loopback; ready when GET /v1/models lists it.
 
     `env` adds to / overrides the server's environment (default `SERVER_ENV`: `VLLM_CPU_KVCACHE_SPACE=1`,
-    `VLLM_CPU_OMP_THREADS_BIND=0-1`, one process; offline). `stats=True` keeps vLLM's statistics, which fill
+    `VLLM_CPU_OMP_THREADS_BIND=0-1`; offline; the worker in the engine core's process). `stats=True` keeps vLLM's statistics, which fill
     GET /metrics (bench/bench_prefix_cache.py reads the prefix cache's counters there). Raises `VLLMNotInstalled`
     (with the command to run) when setup was not done, and `ProcessStartError` (with the log tail) when the server
     dies or is not ready within `timeout`. Stopped by PID (`.stop()`, or the group).
