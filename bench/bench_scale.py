@@ -15,6 +15,7 @@ each), for N in --sizes, --repeats times (sizes in order, then again: the machin
                   the gRPC client side of `Deliberate` is (one unary call per 13 agent calls: negligible)
   calls/s         agent calls the LLM server counted ÷ the batch's wall time
   LLM CPU ms/call the stand-in's own CPU per call (it shares the 2 cores; shown to explain the contention)
+  not completed   deliberations refused or not COMPLETED, with the first reason (p50/p99 are of the completed)
 Median over the repeats, with the spread (min-max) of wall / single and of CPU ms / call.
 With EXECUTOR=ray a Ray head (2 CPUs) and the ray-executor service (in this process: its gRPC servicer and
 Ray driver) are started; the agent calls run in Ray actors (their CPU is reported apart: Ray workers' CPU ms/call).
@@ -82,6 +83,7 @@ class Batch:
     calls: int
     llm_cpu_s: float
     workers_cpu_s: float
+    failed: list[str] = field(default_factory=list)  # why, per deliberation that did not complete
 
 
 @dataclass
@@ -98,10 +100,13 @@ async def deliberate(stub, tag: str, i: int) -> float:
         constraints=dpb.Constraints(timeout_seconds=600, rounds=1),
     )
     t0 = time.perf_counter()
-    reply = (await stub.Deliberate(request, timeout=900)).result
+    try:
+        reply = (await stub.Deliberate(request, timeout=900)).result
+    except grpc.aio.AioRpcError as e:  # counted and shown: where the fleet refuses is a finding, not a crash
+        return time.perf_counter() - t0, f"{e.code().name}: {e.details()}"
     if reply.status != dpb.DELIBERATION_STATUS_COMPLETED:
-        raise SystemExit(f"deliberation ended {reply.status}: {reply.error_message}")
-    return time.perf_counter() - t0
+        return time.perf_counter() - t0, f"{dpb.DeliberationStatus.Name(reply.status)}: {reply.error_message}"
+    return time.perf_counter() - t0, ""
 
 
 async def batch(stub, n: int, tag: str, llm, ray_pid: int | None) -> Batch:
@@ -109,11 +114,13 @@ async def batch(stub, n: int, tag: str, llm, ray_pid: int | None) -> Batch:
     llm0 = tree_cpu_seconds(llm.pid)
     workers0 = tree_cpu_seconds(ray_pid) if ray_pid else 0.0
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    latencies = await asyncio.gather(*(deliberate(stub, tag, i) for i in range(n)))
+    ends = await asyncio.gather(*(deliberate(stub, tag, i) for i in range(n)))
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     calls = (await llm.astats())["calls"] - calls0
     workers = (tree_cpu_seconds(ray_pid) - workers0) if ray_pid else 0.0
-    return Batch(n, wall, list(latencies), cpu, calls, tree_cpu_seconds(llm.pid) - llm0, workers)
+    failed = [why for _, why in ends if why]
+    latencies = [seconds for seconds, why in ends if not why]
+    return Batch(n, wall, latencies, cpu, calls, tree_cpu_seconds(llm.pid) - llm0, workers, failed)
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -125,14 +132,14 @@ def summarize(rows: dict[int, Row], ray: bool) -> tuple[list[str], list[dict[str
     single = statistics.median(b.wall for b in rows[min(rows)].batches)
     header = (
         "| N | agent calls | wall s | wall / single (min-max) | p50 s | p99 s | CPU ms / call (min-max) | calls/s "
-        "| LLM CPU ms/call |" + (" Ray workers' CPU ms/call |" if ray else "")
+        "| LLM CPU ms/call |" + (" Ray workers' CPU ms/call |" if ray else "") + " not completed |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     data = []
     for n, row in sorted(rows.items()):
         ratios = [b.wall / single for b in row.batches]
         cpus = [b.cpu_s * 1000 / max(b.calls, 1) for b in row.batches]
-        lat = [x for b in row.batches for x in b.latencies]
+        lat = [x for b in row.batches for x in b.latencies] or [float("nan")]
         d = {
             "n": n,
             "calls": statistics.median(b.calls for b in row.batches),
@@ -155,7 +162,9 @@ def summarize(rows: dict[int, Row], ray: bool) -> tuple[list[str], list[dict[str
             f" | {d['p50']:.2f} | {d['p99']:.2f} | {d['cpu']:.2f} ({d['cpu_min']:.2f}-{d['cpu_max']:.2f})"
             f" | {d['rate']:.0f} | {d['llm_cpu']:.2f} |"
         )
-        lines.append(line + (f" {d['workers_cpu']:.2f} |" if ray else ""))
+        failed = [why for b in row.batches for why in b.failed]
+        first = f" (first: {failed[0][:160]})" if failed else ""
+        lines.append(line + (f" {d['workers_cpu']:.2f} |" if ray else "") + f" {len(failed)}{first} |")
     return lines, data
 
 
@@ -275,7 +284,8 @@ async def run(args: argparse.Namespace) -> None:
                         print(
                             f"repeat {repeat + 1}/{args.repeats} N={n:>4}: wall {b.wall:7.2f}s  calls {b.calls:>5}  "
                             f"CPU {b.cpu_s * 1000 / max(b.calls, 1):6.2f} ms/call  "
-                            f"LLM CPU {b.llm_cpu_s * 1000 / max(b.calls, 1):5.2f} ms/call",
+                            f"LLM CPU {b.llm_cpu_s * 1000 / max(b.calls, 1):5.2f} ms/call  "
+                            f"not completed {len(b.failed)}",
                             flush=True,
                         )
             finally:

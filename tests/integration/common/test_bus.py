@@ -223,6 +223,32 @@ async def test_stream_provisioning_is_idempotent(settings: FleetSettings):
         await nc.close()
 
 
+async def test_a_publish_no_stream_takes_is_tried_again_then_unavailable(bus: EventBus, settings: FleetSettings):
+    """No stream stores the subject (here: its stream deleted; in production a stream between leaders): three
+    attempts, 0.5 s then 1 s apart, then Unavailable naming the event; once the stream is back the same event is
+    stored."""
+    from services.common.errors import Unavailable
+
+    sent = approval()
+    await bus.js.delete_stream(c.Streams.PLANNING_EVENTS)
+    try:
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable, match=r"NATS publish of planning\.plan\.approved failed after 3 attempts"):
+            await bus.publish(sent, timeout=1.0)
+        assert asyncio.get_running_loop().time() - t0 >= 1.5
+    finally:
+        await provision_streams(bus.js, settings)
+    ack = await bus.publish(sent)
+    assert ack.stream == c.Streams.PLANNING_EVENTS and not ack.duplicate
+
+
+async def test_a_publish_sent_again_is_stored_once(bus: EventBus):
+    """What makes trying again safe: a second publish of one event (its ack lost) is dropped by the stream."""
+    sent = approval()
+    first, second = await bus.publish(sent), await bus.publish(sent)
+    assert not first.duplicate and second.duplicate and second.seq == first.seq
+
+
 async def test_unreachable_nats_is_unavailable():
     from services.common.errors import Unavailable
     from services.local.processes import free_port
