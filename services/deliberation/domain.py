@@ -678,6 +678,7 @@ class ProgressEvent:
     kind: ProgressKind
     agent_id: str | None = None
     detail: str = ""
+    completion_tokens: int = 0  # agent_completed of an answer: its completion tokens
     at: datetime = field(default_factory=_now)
 
 

@@ -892,8 +892,10 @@ class DeliberationEngine:
                 await self._fail(r, phase, call.agent_id, f"unusable answer{' (cut at max_tokens)' * was_cut}: {e}")
                 continue
             done.append((call, value))
-            tokens = response.usage.total_tokens
-            await self._emit(r, phase, "agent_completed", call.agent_id, f"{tokens} tokens")
+            usage = response.usage
+            await self._emit(
+                r, phase, "agent_completed", call.agent_id, f"{usage.total_tokens} tokens", usage.completion_tokens
+            )
         return done
 
     async def _refuse(self, r: _Run, phase: Phase, refused: Sequence[tuple[str, ContextOverflow]]) -> None:
@@ -918,11 +920,19 @@ class DeliberationEngine:
         await self._emit(r, phase, "phase_completed", detail=note.detail)
 
     async def _emit(
-        self, r: _Run, phase: Phase | None, kind: Any, agent_id: str | None = None, detail: str = ""
+        self,
+        r: _Run,
+        phase: Phase | None,
+        kind: Any,
+        agent_id: str | None = None,
+        detail: str = "",
+        completion_tokens: int = 0,
     ) -> None:
         if self.on_progress is None:
             return
-        event = ProgressEvent(r.deliberation_id, r.task.task_id, r.task.role, phase, kind, agent_id, detail)
+        event = ProgressEvent(
+            r.deliberation_id, r.task.task_id, r.task.role, phase, kind, agent_id, detail, completion_tokens
+        )
         try:
             await self.on_progress(event)
         except Exception:

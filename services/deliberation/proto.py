@@ -180,4 +180,5 @@ def progress_to_proto(p: ProgressEvent) -> dpb.ProgressEvent:
         kind=p.kind,
         agent_id=p.agent_id or "",
         detail=p.detail,
+        completion_tokens=p.completion_tokens,
     )

@@ -170,9 +170,8 @@ class CouncilBoard:
             self.started(p.deliberation_id, p.role, f"{p.role} · {p.task_id}")
         if p.kind == "phase_started":
             self.phase(p.deliberation_id, p.phase)
-        elif p.kind == "agent_completed":
-            count = p.detail.split(" ", 1)[0]
-            self.answered(p.deliberation_id, p.agent_id, p.phase, int(count) if count.isdigit() else None)
+        elif p.kind == "agent_completed":  # of an answer (its tokens), or of a proposal checked (none)
+            self.answered(p.deliberation_id, p.agent_id, p.phase, p.completion_tokens or None)
         elif p.kind == "agent_failed":
             self.failed(p.deliberation_id, p.agent_id, p.phase, p.detail)
         elif p.kind == "deliberation_completed":

@@ -178,6 +178,7 @@ class RayExecutorRunner:
                 "agent_failed" if failed else "agent_completed",
                 p.agent_id,
                 p.error if failed else f"{p.prompt_tokens + p.completion_tokens} tokens",
+                0 if failed else p.completion_tokens,
             )
             with contextlib.suppress(Exception):
                 await on_progress(progress)

@@ -178,16 +178,19 @@ async def test_deadline_ends_as_timeout_with_partial_results(stub, llm_server):
 
 async def test_stream_deliberation_reports_progress_then_the_result(stub):
     await create_all(stub)
-    kinds, result = [], None
+    kinds, answered, result = [], [], None
     async for update in stub.StreamDeliberation(pb.StreamDeliberationRequest(deliberation=deliberate_request("T-s"))):
         if update.HasField("progress"):
             kinds.append((update.progress.phase, update.progress.kind))
+            if (update.progress.phase, update.progress.kind) == ("GENERATE", "agent_completed"):
+                answered.append(update.progress.completion_tokens)
         else:
             result = update.result
     assert result is not None and result.status == COMPLETED
     phases = [p for p, k in kinds if k == "phase_started"]
     assert phases[:3] == ["GENERATE", "CHECK", "CRITIQUE"] and "SELECT" in phases  # checked before reviewed
     assert any(k == "agent_completed" for _, k in kinds)
+    assert len(answered) == 3 and all(tokens > 0 for tokens in answered)  # each answer's own tokens, as a number
 
 
 async def test_status_counts_deliberations(stub):

@@ -382,6 +382,7 @@ async def test_orchestrator_with_executor_ray_runs_on_the_ray_executor(settings,
                 ("agent_completed", "GENERATE"),
                 ("agent_completed", "SCORE"),
             }
+            assert all(p.completion_tokens > 0 for p in progress if p.kind == "agent_completed")
             stored = (await stub.GetDeliberationResult(opb.GetDeliberationResultRequest(task_id="T-orch-ray"))).result
             assert stored.status == COMPLETED and stored.executor == "ray"
             assert stored.deliberation_id == final.deliberation_id and stored.winner_id == final.winner_id

@@ -98,9 +98,16 @@ def test_rows_follow_stream_deliberation_progress_and_tokens() -> None:
     clock = Clock()
     board = CouncilBoard(clock)
 
-    def progress(kind: str, phase: str = "", agent: str = "", detail: str = "") -> dpb.ProgressEvent:
+    def progress(kind: str, phase: str = "", agent: str = "", detail: str = "", tokens: int = 0) -> dpb.ProgressEvent:
         return dpb.ProgressEvent(
-            deliberation_id="d1", task_id="t1", role="QA", phase=phase, kind=kind, agent_id=agent, detail=detail
+            deliberation_id="d1",
+            task_id="t1",
+            role="QA",
+            phase=phase,
+            kind=kind,
+            agent_id=agent,
+            detail=detail,
+            completion_tokens=tokens,
         )
 
     board.progress(progress("deliberation_started"))
@@ -111,8 +118,9 @@ def test_rows_follow_stream_deliberation_progress_and_tokens() -> None:
     )
     clock.now += 1
     assert _row(_text(board), "q1") == ["q1", "GENERATE", "streaming", "~5", "0", "1.0 s"]
-    board.progress(progress("agent_completed", "GENERATE", "q1", "9 tokens"))
-    board.progress(progress("agent_completed", "GENERATE", "q2", "11 tokens"))  # no tokens streamed (in-process)
+    # the detail counts prompt and answer ("40 tokens"); the rows count what the agents wrote
+    board.progress(progress("agent_completed", "GENERATE", "q1", "40 tokens", tokens=9))
+    board.progress(progress("agent_completed", "GENERATE", "q2", "45 tokens", tokens=11))  # nothing streamed
     text = _text(board)
     assert _row(text, "q1")[:5] == ["q1", "GENERATE", "answered", "9", "9"]
     assert _row(text, "q2") == ["q2", "GENERATE", "answered", "11", "11", "1.0 s"]  # since the phase started

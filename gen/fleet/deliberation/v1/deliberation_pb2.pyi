@@ -288,7 +288,7 @@ class DeliberationResult(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., status: _Optional[_Union[DeliberationStatus, str]] = ..., results: _Optional[_Iterable[_Union[RankedProposal, _Mapping]]] = ..., winner_id: _Optional[str] = ..., duration_ms: _Optional[float] = ..., deliberation_id: _Optional[str] = ..., role: _Optional[str] = ..., council_id: _Optional[str] = ..., selection: _Optional[_Union[Selection, _Mapping]] = ..., critiques: _Optional[_Iterable[_Union[Critique, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[TokenUsage, _Mapping]]] = ..., phase_durations: _Optional[_Iterable[_Union[PhaseDuration, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[AgentFailure, _Mapping]]] = ..., error_message: _Optional[str] = ..., context_version: _Optional[str] = ..., total_tokens: _Optional[int] = ..., executor: _Optional[str] = ..., story_id: _Optional[str] = ..., context_note: _Optional[str] = ..., verified: _Optional[bool] = ..., verified_reason: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interrupted: _Optional[bool] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
-    __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail")
+    __slots__ = ("deliberation_id", "task_id", "role", "phase", "kind", "agent_id", "detail", "completion_tokens")
     DELIBERATION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +296,7 @@ class ProgressEvent(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     deliberation_id: str
     task_id: str
     role: str
@@ -303,4 +304,5 @@ class ProgressEvent(_message.Message):
     kind: str
     agent_id: str
     detail: str
-    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., role: _Optional[str] = ..., phase: _Optional[str] = ..., kind: _Optional[str] = ..., agent_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    completion_tokens: int
+    def __init__(self, deliberation_id: _Optional[str] = ..., task_id: _Optional[str] = ..., role: _Optional[str] = ..., phase: _Optional[str] = ..., kind: _Optional[str] = ..., agent_id: _Optional[str] = ..., detail: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
