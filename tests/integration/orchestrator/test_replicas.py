@@ -144,8 +144,12 @@ async def test_three_replicas_share_approvals_and_survive_a_sigkill(settings, bu
             assert all(done_by.values()), done_by
             after_kill = {name: done_by[name] - before_kill[name] for name in before_kill}
             assert all(after_kill.values()), after_kill
-            assert set().union(*done_by.values()) == expected
-            assert sum(map(len, done_by.values())) == APPROVALS, "a task deliberated to completion by two replicas"
+            logged = set().union(*done_by.values())
+            assert sum(map(len, done_by.values())) == len(logged), "a task deliberated to completion by two replicas"
+            # A task may be in no log: A killed after recording and announcing it, before its log line (seen once in
+            # CI); the survivor the approval went back to finds it recorded and only announces it again (dropped as a
+            # duplicate). At most what A had in hand (APPROVAL_CONCURRENCY); its one completion is asserted above.
+            assert logged <= expected and len(expected - logged) <= 4, expected - logged
 
             # The survivors answer for every task, including those the dead replica ran.
             for stub in stubs[1:]:
